@@ -1,0 +1,574 @@
+"""A hand-written Llama-family transformer: config, RMSNorm, RoPE, grouped-query attention with a
+KV cache, SwiGLU MLP, strict safetensors loading, and batched generation.
+
+It runs every target model the paper and this project use: Llama-2/3 (Llama-3's `rope_scaling`),
+Mistral, Qwen2/2.5 (bias on q/k/v) and SmolLM2 (a Llama). Modules are named exactly as HF
+transformers names them (`model.layers.{i}.self_attn.q_proj.weight`), so an HF checkpoint loads
+with strict key matching and no renaming table, and RoPE uses HF's half-split layout.
+
+Deviations from HF transformers, all deliberate:
+- One class for all three architectures; the differences are config fields (bias, tied head).
+- Attention goes through `scaled_dot_product_attention`; `attn_impl="math"` is the textbook
+  softmax(QK^T/sqrt(d))V path that a test uses to check it.
+- Mistral's sliding window is not implemented: a sequence longer than the window fails loudly
+  instead of silently attending too far (every sequence in this project is far shorter).
+- Generation is our own small loop (greedy, or temperature + top-p from an explicit seeded
+  `torch.Generator`), with left padding so prompts of different lengths batch together.
+
+Run `python model.py --model smollm2-135m-instruct --prompt "What is 7*8?" --chat`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """A checkpoint or config we cannot load; the message names the problem and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelConfig:
+    """The fields of an HF `config.json` that the forward pass needs."""
+
+    model_type: str = "llama"  # llama | mistral | qwen2
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32  # < num_attention_heads means grouped-query attention
+    head_dim: int = 0  # 0 = hidden_size // num_attention_heads
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # None, or {"rope_type": "llama3" | "linear", ...}
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v (and o for Llama's attention_bias)
+    o_proj_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+    torch_dtype: str = "float32"  # the checkpoint's own dtype
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ModelLoadError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        archs = d.get("architectures") or []
+        model_type = d.get("model_type")
+        known = set(SUPPORTED_ARCHITECTURES.values())
+        if archs and archs[0] not in SUPPORTED_ARCHITECTURES:
+            raise ModelLoadError(
+                f"unsupported architecture '{archs[0]}' (supported: "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)})")
+        if model_type not in known:
+            if archs:
+                model_type = SUPPORTED_ARCHITECTURES[archs[0]]
+            else:
+                raise ModelLoadError(
+                    f"unsupported model_type '{model_type}' (supported: {', '.join(sorted(known))})")
+        # transformers 4 writes rope_theta + rope_scaling; transformers 5 writes rope_parameters.
+        rope = d.get("rope_parameters") or {}
+        rope_theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
+        rope_scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if rope_scaling is not None:
+            rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
+            if rope_type not in ("llama3", "linear", "default"):
+                raise ModelLoadError(
+                    f"unsupported rope_scaling type '{rope_type}' (supported: llama3, linear)")
+            rope_scaling = None if rope_type == "default" else {**rope_scaling, "rope_type": rope_type}
+        if d.get("hidden_act", "silu") != "silu":
+            raise ModelLoadError(f"unsupported hidden_act '{d['hidden_act']}' (supported: silu)")
+        eos = d.get("eos_token_id")
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        if model_type == "qwen2":
+            q_bias, o_bias = True, False  # Qwen2 always has q/k/v bias, never o_proj bias
+        else:
+            q_bias = o_bias = bool(d.get("attention_bias", False))
+        sliding = d.get("sliding_window") if d.get("use_sliding_window", model_type == "mistral") else None
+        return cls(
+            model_type=model_type,
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            head_dim=d.get("head_dim") or 0,
+            max_position_embeddings=d.get("max_position_embeddings", 4096),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=q_bias,
+            o_proj_bias=o_bias,
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            sliding_window=sliding,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=eos,
+            torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
+        )
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ModelLoadError(f"no config.json at {path}: pass an HF-format model folder")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelLoadError(f"{path} is not valid JSON ({e})") from None
+        try:
+            return cls.from_dict(d)
+        except KeyError as e:
+            raise ModelLoadError(f"{path} lacks the required field {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # Normalise in fp32 like HF (bf16 variance is too coarse), cast back before the scale.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies for the head_dim/2 rotary pairs, with Llama-3 or linear scaling."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    if s["rope_type"] == "linear":
+        return inv_freq / s["factor"]
+    # Llama-3: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_ctx = s["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos/sin tables for integer positions (B, T), computed in fp32 as HF does -> (B, T, head_dim)."""
+    freqs = positions[..., None].float() * inv_freq.float()  # (B, T, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # half-split layout: pair i is (i, i + head_dim/2)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, n_head, T, head_dim); cos, sin: (B, T, head_dim)
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (B, n_kv_head, max_len, head_dim) each.
+
+    `length` is how many positions are filled; forward() writes the new ones after it.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k, v):
+        """Store k, v (B, n_kv, T, hd) at [length, length+T) and return all keys/values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=cfg.o_proj_bias)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, attn_impl: str):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, n_head, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, S, hd), S = cached + T
+        # Grouped-query attention: each kv head serves n_head / n_kv query heads.
+        groups = self.n_head // self.n_kv
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)  # (B, n_head, S, hd)
+            v = v.repeat_interleave(groups, dim=1)
+        if attn_impl == "sdpa":
+            if mask is None:  # plain causal attention over the whole sequence: the flash path
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:  # the textbook path, kept to check SDPA against
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.hd)  # (B, n_head, T, S)
+            if mask is None:
+                S = k.shape[2]
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+            scores = scores.float().masked_fill(~mask, float("-inf"))
+            y = scores.softmax(-1).to(q.dtype) @ v  # (B, n_head, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)  # (B, T, hidden)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache, attn_impl):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, attn_impl)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """HF's `model.` prefix: embeddings, the layers and the final norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.attn_impl = "sdpa"  # or "math"
+
+    def hidden_states(self, input_ids, positions=None, mask=None, cache: KVCache | None = None):
+        """Final-norm hidden states (B, T, hidden).
+
+        positions: (B, T) rotary positions, default 0..T-1 after whatever the cache holds.
+        mask: bool (B, 1, T, S) with True where a query may attend a key; None = causal over the
+              sequence, which is exact for right padding (real tokens never look right).
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        S = past + T
+        if self.cfg.sliding_window is not None and S > self.cfg.sliding_window:
+            raise ValueError(f"sequence of {S} tokens exceeds the sliding window "
+                             f"{self.cfg.sliding_window}, which this implementation does not apply")
+        if positions is None:
+            positions = torch.arange(past, S, device=input_ids.device).expand(B, T)
+        if mask is None and past > 0:  # decoding against a cache: causal on absolute positions
+            mask = torch.ones(T, S, dtype=torch.bool, device=input_ids.device).tril(past)[None, None]
+        x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache, self.attn_impl)
+        if cache is not None:
+            cache.length = S
+        return self.model.norm(x)
+
+    def forward(self, input_ids, positions=None, mask=None, cache=None):
+        """Logits (B, T, vocab)."""
+        return self.lm_head(self.hidden_states(input_ids, positions, mask, cache))
+
+    @property
+    def device(self):
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self):
+        return self.model.embed_tokens.weight.dtype
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: str | torch.dtype | None = None,
+                        device: str | torch.device = "cpu") -> "Transformer":
+        """Build from an HF-format folder and load its safetensors weights strictly."""
+        path = Path(path)
+        if not path.is_dir():
+            raise ModelLoadError(f"model folder {path} does not exist")
+        cfg = ModelConfig.from_json(path / "config.json")
+        if dtype is None:
+            dtype = cfg.torch_dtype
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise ModelLoadError(f"unknown dtype '{dtype}' (use fp32, bf16 or fp16)")
+            dtype = DTYPES[dtype]
+        with torch.device("meta"):
+            model = cls(cfg)
+        state = load_safetensors_folder(path)
+        load_state_dict_strict(model, state, dtype, device)
+        return model.eval()
+
+
+def load_safetensors_folder(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of `model.safetensors`, or of the shards a `model.safetensors.index.json` lists."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    else:
+        raise ModelLoadError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    state = {}
+    for shard in shards:
+        f = path / shard
+        if not f.is_file():
+            raise ModelLoadError(f"shard {shard} listed in the index is missing from {path}")
+        try:
+            state.update(load_file(f))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot read {f} (truncated or corrupt?): {e}") from None
+    return state
+
+
+def load_state_dict_strict(model: nn.Module, state: dict, dtype: torch.dtype, device) -> None:
+    """Copy `state` into the (meta) model: every key must exist with the right shape, and no more."""
+    expected = dict(model.named_parameters())  # tied weights appear once, under the embedding
+    tied = model.cfg.tie_word_embeddings
+    state = dict(state)
+    if tied:
+        # Some tied checkpoints also store lm_head.weight; it must equal the embedding then.
+        state.pop("lm_head.weight", None)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected and not k.endswith("rotary_emb.inv_freq")]
+    if missing:
+        raise ModelLoadError(f"checkpoint is missing tensor '{missing[0]}'"
+                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise ModelLoadError(f"checkpoint has unexpected tensor '{unexpected[0]}'"
+                             + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for name, p in expected.items():
+        if tuple(state[name].shape) != tuple(p.shape):
+            raise ModelLoadError(f"tensor '{name}' has shape {tuple(state[name].shape)}, "
+                                 f"the config expects {tuple(p.shape)}")
+    for name in expected:  # replace each meta parameter by the loaded tensor (frozen)
+        parent_name, _, leaf = name.rpartition(".")
+        tensor = state[name].to(device=device, dtype=dtype)
+        setattr(model.get_submodule(parent_name), leaf, nn.Parameter(tensor, requires_grad=False))
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(model.cfg).to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+
+
+def sample_next(logits, temperature: float, top_p: float, generator: torch.Generator | None):
+    """Next token ids (B,) from last-position logits (B, vocab): greedy if temperature == 0."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = (logits.float() / temperature).softmax(-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the top token is always kept).
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    # multinomial on the CPU so a seeded CPU generator gives the same draws on every device
+    choice = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1)
+    return choice.to(logits.device)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 256,
+             temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
+             stop_ids: list[int] | None = None, stop_strings: list[str] | None = None,
+             decode=None, pad_id: int = 0) -> list[list[int]]:
+    """Continue each prompt (a list of token ids); returns the new ids of each, stop token excluded.
+
+    Prompts are left-padded into one batch: each row's positions count from its own first real
+    token and padding is masked out of attention, so a prompt's greedy continuation is the same
+    alone or in a batch. A row stops at a `stop_ids` token, or once `decode(new_ids)` contains a
+    stop string (the text is cut there), or after max_new_tokens.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, each with at least one token")
+    device = model.device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    stop_ids = set(stop_ids or [])
+    ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+    valid = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)  # key is real
+    for b, p in enumerate(prompts):
+        ids[b, P - len(p):] = torch.tensor(p, device=device)
+        valid[b, P - len(p):] = True
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    positions = (torch.arange(P, device=device)[None] - (P - lengths)[:, None]).clamp(min=0)  # (B, P)
+    cache = KVCache(model.cfg, B, P + max_new_tokens, device, model.dtype)
+    causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+    mask = causal[None, None] & valid[:, None, None, :P]  # (B, 1, P, P)
+    # a left-pad query row would attend to nothing (NaN in softmax): let it see itself
+    mask = mask | torch.eye(P, dtype=torch.bool, device=device)[None, None]
+    logits = model(ids, positions, mask, cache)[:, -1]  # (B, vocab)
+
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    next_pos = lengths.clone()
+    for _ in range(max_new_tokens):
+        tok = sample_next(logits, temperature, top_p, generator)  # (B,)
+        for b, t in enumerate(tok.tolist()):
+            if done[b]:
+                continue
+            if t in stop_ids:
+                done[b] = True
+                continue
+            out[b].append(t)
+            if stop_strings and decode is not None:
+                text = decode(out[b])
+                if any(s in text for s in stop_strings):
+                    done[b] = True
+        if all(done):
+            break
+        S = cache.length + 1
+        mask = valid[:, None, None, :S].clone()  # (B, 1, 1, S): every real key so far
+        mask[..., -1] = True
+        logits = model(tok[:, None], next_pos[:, None], mask, cache)[:, -1]
+        next_pos += 1
+    if stop_strings and decode is not None:
+        out = [trim_at_stop_string(o, stop_strings, decode) for o in out]
+    return out
+
+
+def trim_at_stop_string(ids: list[int], stop_strings: list[str], decode) -> list[int]:
+    """Drop the tokens from the one that completes the earliest stop string onwards."""
+    text = decode(ids)
+    if not any(s in text for s in stop_strings):
+        return ids
+    for n in range(1, len(ids) + 1):
+        if any(s in decode(ids[:n]) for s in stop_strings):
+            return ids[:n - 1]
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Generate a continuation with our Llama-family model.")
+    ap.add_argument("--model", default="smollm2-135m-instruct",
+                    help="a packaged model's short name (see pretrained.py) or an HF-format folder")
+    ap.add_argument("--prompt", required=True, help="the text to continue (or the user turn with --chat)")
+    ap.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    ap.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: the checkpoint's")
+    ap.add_argument("--device", default=None, help="cpu, cuda or mps (default: best available)")
+    args = ap.parse_args(argv)
+
+    from pretrained import resolve_model
+    from tokenizer import Tokenizer
+
+    try:
+        folder = resolve_model(args.model)
+        device = args.device or best_device()
+        model = Transformer.from_pretrained(folder, args.dtype, device)
+        tok = Tokenizer.from_folder(folder)
+    except (ModelLoadError, FileNotFoundError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    if args.chat:
+        ids = tok.encode(tok.render_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True))
+    else:
+        ids = tok.encode(args.prompt, add_bos=True)
+    gen = torch.Generator().manual_seed(args.seed)
+    new = generate(model, [ids], args.max_new_tokens, args.temperature, args.top_p, gen,
+                   stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0]
+    print(tok.decode(new))
+
+
+def best_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+if __name__ == "__main__":
+    main()
