@@ -1,0 +1,419 @@
+"""The response sources the paper compares: one training set per source, on the same questions.
+
+Each source answers the same training questions (tasks.splits(..., n_train=N)); only who wrote
+the responses differs (paper section 2; DESIGN.md section 1):
+
+| source                  | response                                                             |
+|-------------------------|----------------------------------------------------------------------|
+| human                   | the data set's solution (GSM8K `#### N` -> `Final Answer: N`)        |
+| self                    | the target model's own sampled answer with a correct final answer    |
+|                         | (the paper's "sample k", STaR/RFT); else STaR rationalisation (the   |
+|                         | answer is given as a hint); else the ground truth, or dropped        |
+| rewrite                 | the target model restates the ground truth in its own words (SDFT);  |
+|                         | kept if its final answer still matches, else the ground truth        |
+| teacher:<model>         | another model answers directly (the paper's GPT-4/Claude source);   |
+|                         | not filtered unless --filter-correct                                 |
+| minimum-change:<model>  | the target model's greedy prediction, corrected by <model> with as   |
+|                         | few changes as possible; the original prediction is kept beside it   |
+| file:<path>             | a JSON list or JSONL of {question, answer} (the paper's released     |
+|                         | files work as they are), matched to the task's questions by text     |
+
+Every built set is cached as `data.jsonl` beside `manifest.json` (source, models, task, prompt
+templates, generation settings, seed, counts by path, coverage, time, and the hash of all the
+inputs that names the folder). Same inputs: the cache is reused. Changed inputs: a new folder.
+Interrupted build: the records written so far (one fsync'd chunk at a time) are kept and the
+build continues from the next chunk; a chunk's samples depend only on (seed, chunk), so a
+resumed build equals an uninterrupted one.
+
+Deviation from the paper: our default target model is a 135M model that rarely solves GSM8K,
+so `self` leans on rationalisation and the ground-truth fallback; the manifest counts each path
+so this is visible, and `--self-fallback drop` keeps only the model's own correct answers.
+
+CLI: python sources.py --source self --task gsm8k --n-train 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import tasks
+from eval import answers_match, extract_answer
+
+CACHE_DIR = Path(os.environ.get("ILB_SOURCES_DIR", Path(__file__).resolve().parent / "cache" / "sources"))
+DEFAULT_N_TRAIN = 32
+CHUNK = 8  # questions per generation chunk; the unit of resumption
+
+REWRITE_TEMPLATE = (
+    "Here is a question and a reference solution.\n\nQuestion: {question}\n\n"
+    "Reference solution:\n{answer}\n\n"
+    "Rewrite the reference solution in your own words. Keep the same reasoning and the same "
+    "final answer. End with 'Final Answer: {gold}'.")
+RATIONALIZE_TEMPLATE = (
+    "{prompt}\n\n(Hint: the correct final answer is {gold}. Explain step by step how to reach it, "
+    "then end with 'Final Answer: {gold}'.)")
+MINIMUM_CHANGE_TEMPLATE = (
+    "We have the question and the ground truth. Please minimally change the prediction to make it "
+    "correct: change as little as possible, keep the rest of the prediction as it is, and end with "
+    "'Final Answer: <answer>'.\n\nQuestion: {question}\n\nGround truth: {answer}\n\n"
+    "Prediction: {prediction}\n\nMinimally changed prediction:")
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: atomic writes, the resumable JSONL
+
+
+def write_json_atomic(path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_partial(path: Path) -> list[dict]:
+    """Records of a partial JSONL; a torn last line (killed mid-write) is cut off the file."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    good = raw[: raw.rfind(b"\n") + 1]
+    if len(good) != len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(len(good))
+    return [json.loads(line) for line in good.decode().splitlines() if line.strip()]
+
+
+def append_records(path: Path, records: list[dict]) -> None:
+    with open(path, "a") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------------------------
+# file:<path> sources
+
+
+def normalize_question(text: str) -> str:
+    """Text used to match a file's question to a task question: the paper's instruction suffix,
+    case, punctuation spacing and whitespace do not count."""
+    text = re.split(r"please provide the final answer", text, flags=re.I)[0]
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def read_file_source(path: str) -> list[dict]:
+    """A JSON list, or JSONL, of objects with a question and an answer; errors name the line."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"file source {path} does not exist")
+    text = p.read_text()
+    if not text.strip():
+        raise ValueError(f"{path}: the file is empty; expected a JSON list or JSONL of {{question, answer}}")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        numbered = [(i + 1, r) for i, r in enumerate(rows)]  # item numbers for a JSON list
+        where = "item"
+    else:
+        numbered = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: invalid JSON line ({e.msg})") from None
+        where = "line"
+    out = []
+    for n, row in numbered:
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: {where} {n} is not a JSON object")
+        q = row.get("question", row.get("input"))
+        a = row.get("answer", row.get("response", row.get("output")))
+        if not isinstance(q, str) or not isinstance(a, str):
+            missing = "question" if not isinstance(q, str) else "answer"
+            raise ValueError(f"{path}: {where} {n} has no string '{missing}' field")
+        out.append({"question": q, "answer": a, "line": n})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Building
+
+
+def source_kind(source: str) -> tuple[str, str | None]:
+    kind, _, arg = source.partition(":")
+    if kind not in ("human", "self", "rewrite", "teacher", "minimum-change", "file"):
+        raise ValueError(f"unknown source '{source}' (use human, self, rewrite, teacher:MODEL, "
+                         f"minimum-change:MODEL or file:PATH)")
+    if kind in ("teacher", "minimum-change", "file") and not arg:
+        raise ValueError(f"source '{kind}' needs an argument: {kind}:{'PATH' if kind == 'file' else 'MODEL'}")
+    return kind, arg or None
+
+
+def file_fingerprint(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def build_inputs(source, model, task, n_train, seed, gen) -> dict:
+    """Everything that determines a training set; its hash names the cache folder."""
+    kind, arg = source_kind(source)
+    inputs = {"source": source, "model": model, "task": task, "n_train": n_train, "seed": seed,
+              "generation": gen if kind not in ("human", "file") else None,
+              "templates": {"rewrite": REWRITE_TEMPLATE, "rationalize": RATIONALIZE_TEMPLATE,
+                            "minimum_change": MINIMUM_CHANGE_TEMPLATE}.get(
+                  {"self": "rationalize", "rewrite": "rewrite", "minimum-change": "minimum_change"}.get(kind, ""))}
+    if kind == "file":
+        inputs["file_sha256"] = file_fingerprint(arg)
+    return inputs
+
+
+def cache_folder(inputs: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", inputs["source"])[:60]
+    return CACHE_DIR / inputs["task"] / re.sub(r"[^A-Za-z0-9_.-]+", "_", inputs["model"]) / f"{slug}-{digest}"
+
+
+def default_gen(**overrides) -> dict:
+    gen = {"k": 4, "temperature": 0.7, "top_p": 0.95, "max_new_tokens": 256, "batch_size": 16,
+           "self_fallback": "ground_truth", "filter_correct": False}
+    gen.update({k: v for k, v in overrides.items() if v is not None})
+    return gen
+
+
+class ModelCache:
+    """Load each model once per build (teacher and target may differ)."""
+
+    def __init__(self, dtype: str, device: str | None):
+        self.dtype, self.device, self.loaded = dtype, device, {}
+
+    def get(self, name: str):
+        if name not in self.loaded:
+            from model import Transformer, best_device
+            from pretrained import resolve_model
+            from tokenizer import Tokenizer
+            folder = resolve_model(name)
+            self.loaded[name] = (Transformer.from_pretrained(folder, self.dtype, self.device or best_device()),
+                                 Tokenizer.from_folder(folder))
+        return self.loaded[name]
+
+
+def build_chunk(kind, arg, examples, model_name, gen, seed, chunk_no, models: ModelCache) -> list[dict]:
+    """Records for one chunk of questions; depends only on its inputs (so resumption is exact)."""
+    from data import generate_responses
+
+    base = [{"id": e.id, "question": e.question, "prompt": e.prompt, "gold": e.gold} for e in examples]
+    task = examples[0].task
+    if kind == "human":
+        return [{**b, "response": e.answer, "path": "ground_truth"} for b, e in zip(base, examples)]
+
+    def ask(name, prompts, sample: bool, salt: int):
+        model, tok = models.get(name)
+        return generate_responses(
+            model, tok, prompts, gen["max_new_tokens"], gen["temperature"] if sample else 0.0,
+            gen["top_p"] if sample else 1.0, seed=seed * 7919 + chunk_no * 31 + salt,
+            batch_size=gen["batch_size"])
+
+    correct = lambda text, e: answers_match(extract_answer(text, task), e.gold, task)  # noqa: E731
+    if kind == "self":
+        k = gen["k"]
+        samples = ask(model_name, [e.prompt for e in examples for _ in range(k)], True, 0)
+        out, need = [], []
+        for j, (b, e) in enumerate(zip(base, examples)):
+            mine = samples[j * k:(j + 1) * k]
+            hit = next((s for s in mine if correct(s, e)), None)
+            out.append({**b, "response": hit, "path": "sampled" if hit else None, "samples_tried": k})
+            if hit is None:
+                need.append(j)
+        if need:  # STaR rationalisation: answer again, knowing the answer
+            hints = [RATIONALIZE_TEMPLATE.format(prompt=examples[j].prompt, gold=examples[j].gold) for j in need]
+            for j, text in zip(need, ask(model_name, hints, False, 1)):
+                if correct(text, examples[j]):
+                    out[j].update(response=text, path="rationalized")
+                elif gen["self_fallback"] == "ground_truth":
+                    out[j].update(response=examples[j].answer, path="ground_truth")
+                else:
+                    out[j].update(path="dropped")
+        return out
+    if kind == "rewrite":
+        prompts = [REWRITE_TEMPLATE.format(question=e.question, answer=e.answer, gold=e.gold) for e in examples]
+        out = []
+        for b, e, text in zip(base, examples, ask(model_name, prompts, False, 2)):
+            ok = correct(text, e)
+            out.append({**b, "response": text if ok else e.answer, "path": "rewritten" if ok else "ground_truth",
+                        "rewrite_attempt": None if ok else text})
+        return out
+    if kind == "teacher":
+        out = []
+        for b, e, text in zip(base, examples, ask(arg, [e.prompt for e in examples], False, 3)):
+            ok = correct(text, e)
+            path = "teacher_correct" if ok else "teacher_wrong"
+            if gen["filter_correct"] and not ok:
+                path = "dropped"
+            out.append({**b, "response": text, "path": path})
+        return out
+    if kind == "minimum-change":
+        preds = ask(model_name, [e.prompt for e in examples], False, 4)
+        prompts = [MINIMUM_CHANGE_TEMPLATE.format(question=e.prompt, answer=e.answer, prediction=p)
+                   for e, p in zip(examples, preds)]
+        fixed = ask(arg, prompts, False, 5)
+        return [{**b, "response": f, "original_prediction": p,
+                 "path": "corrected_correct" if correct(f, e) else "corrected_wrong"}
+                for b, e, p, f in zip(base, examples, preds, fixed)]
+    raise AssertionError(kind)
+
+
+def build_from_file(path: str, examples) -> tuple[list[dict], dict]:
+    rows = read_file_source(path)
+    by_text = {normalize_question(r["question"]): r for r in rows}
+    out, unmatched_tasks = [], 0
+    for e in examples:
+        r = by_text.get(normalize_question(e.question))
+        if r is None:
+            unmatched_tasks += 1
+            out.append({"id": e.id, "question": e.question, "prompt": e.prompt, "gold": e.gold,
+                        "response": None, "path": "dropped"})
+        else:
+            out.append({"id": e.id, "question": e.question, "prompt": e.prompt, "gold": e.gold,
+                        "response": r["answer"], "path": "file", "file_line": r["line"]})
+    matched = {normalize_question(e.question) for e in examples}
+    unmatched_lines = [r["line"] for r in rows if normalize_question(r["question"]) not in matched]
+    return out, {"file_rows": len(rows), "questions_without_file_answer": unmatched_tasks,
+                 "file_rows_not_in_task": len(unmatched_lines),
+                 "file_rows_not_in_task_first": unmatched_lines[:20]}
+
+
+def get_training_set(source: str, model: str = "smollm2-135m-instruct", task: str = "gsm8k",
+                     n_train: int | None = None, seed: int = 0, dtype: str = "fp32",
+                     device: str | None = None, progress: bool = True, **gen_overrides) -> list[dict]:
+    """Build (or reuse) the training set of `source`; returns the kept records, in question order."""
+    records, _ = build(source, model, task, n_train, seed, dtype, device, progress, **gen_overrides)
+    return records
+
+
+def build(source, model="smollm2-135m-instruct", task="gsm8k", n_train=None, seed=0, dtype="fp32",
+          device=None, progress=True, **gen_overrides) -> tuple[list[dict], dict]:
+    n_train = DEFAULT_N_TRAIN if n_train is None else n_train
+    kind, arg = source_kind(source)
+    gen = default_gen(**gen_overrides)
+    inputs = build_inputs(source, model, task, n_train, seed, gen)
+    folder = cache_folder(inputs)
+    final, manifest_path = folder / "data.jsonl", folder / "manifest.json"
+    if final.exists() and manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        return [r for r in read_partial(final) if r["response"] is not None], manifest
+
+    examples = tasks.splits(task, n_train=n_train, seed=seed)["train"]
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    extra = {}
+    if kind == "file":
+        all_records, extra = build_from_file(arg, examples)
+    else:
+        partial = folder / "data.partial.jsonl"
+        done = read_partial(partial)
+        done_ids = {r["id"] for r in done}
+        models = ModelCache(dtype, device)
+        chunks = [examples[i:i + CHUNK] for i in range(0, len(examples), CHUNK)]
+        iterator = enumerate(chunks)
+        if progress:
+            from tqdm import tqdm
+            iterator = tqdm(iterator, total=len(chunks), desc=f"build {source}", unit="chunk", file=sys.stderr)
+        for chunk_no, chunk in iterator:
+            if all(e.id in done_ids for e in chunk):
+                continue  # built before an interruption
+            append_records(partial, build_chunk(kind, arg, chunk, model, gen, seed, chunk_no, models))
+        all_records = read_partial(partial)
+        ids = [r["id"] for r in all_records]
+        if len(ids) != len(set(ids)) or set(ids) != {e.id for e in examples}:
+            raise RuntimeError(f"{partial} does not hold each question exactly once; delete {folder} and rebuild")
+        order = {e.id: i for i, e in enumerate(examples)}
+        all_records.sort(key=lambda r: order[r["id"]])
+    tmp = folder / "data.jsonl.tmp"
+    tmp.unlink(missing_ok=True)
+    append_records(tmp, all_records)
+    os.replace(tmp, final)
+    (folder / "data.partial.jsonl").unlink(missing_ok=True)
+    kept = [r for r in all_records if r["response"] is not None]
+    counts: dict[str, int] = {}
+    for r in all_records:
+        counts[r["path"]] = counts.get(r["path"], 0) + 1
+    manifest = {
+        **inputs, "cache_folder": str(folder), "questions": len(all_records), "kept": len(kept),
+        "coverage": round(len(kept) / max(1, len(all_records)), 4), "counts_by_path": counts,
+        "build_seconds": round(time.time() - t0, 1), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "inputs_sha256": folder.name.rsplit("-", 1)[-1], **extra,
+    }
+    write_json_atomic(manifest_path, manifest)
+    return kept, manifest
+
+
+def load_cached(source: str, model: str, task: str, n_train: int | None = None, seed: int = 0) -> list[dict]:
+    """A built set's kept records; fails (rather than builds) if it was never built."""
+    inputs = build_inputs(source, model, task, DEFAULT_N_TRAIN if n_train is None else n_train, seed, default_gen())
+    final = cache_folder(inputs) / "data.jsonl"
+    if not final.exists():
+        raise FileNotFoundError(f"source '{source}' is not built for {model}/{task}; run "
+                                f"python sources.py --source {source} --task {task}")
+    return [r for r in read_partial(final) if r["response"] is not None]
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Build a training set from one response source (cached).")
+    ap.add_argument("--source", required=True,
+                    help="human, self, rewrite, teacher:MODEL, minimum-change:MODEL or file:PATH")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="the target model (short name or folder)")
+    ap.add_argument("--task", default="gsm8k", help="task (see tasks.py)")
+    ap.add_argument("--n-train", type=int, default=DEFAULT_N_TRAIN, help="first N questions of the seeded shuffle")
+    ap.add_argument("--seed", type=int, default=0, help="split and sampling seed")
+    g = ap.add_argument_group("generation")
+    g.add_argument("--k", type=int, default=None, help="self: samples per question (default 4)")
+    g.add_argument("--temperature", type=float, default=None, help="self: sampling temperature (default 0.7)")
+    g.add_argument("--top-p", type=float, default=None, help="self: nucleus mass (default 0.95)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="longest response (default 256)")
+    g.add_argument("--batch-size", type=int, default=None, help="prompts per generation batch (default 16)")
+    g.add_argument("--self-fallback", choices=["ground_truth", "drop"], default=None,
+                   help="self: what to do when neither sampling nor rationalisation is correct")
+    g.add_argument("--filter-correct", action="store_true", default=None,
+                   help="teacher: drop answers whose final answer is wrong")
+    g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="generation dtype")
+    g.add_argument("--device", default=None, help="cpu, cuda or mps (default: best available)")
+    args = ap.parse_args(argv)
+    try:
+        records, manifest = build(args.source, args.model, args.task, args.n_train, args.seed, args.dtype,
+                                  args.device, True, k=args.k, temperature=args.temperature, top_p=args.top_p,
+                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                  self_fallback=args.self_fallback, filter_correct=args.filter_correct)
+        from pretrained import resolve_model
+        from tokenizer import Tokenizer
+        tok = Tokenizer.from_folder(resolve_model(args.model))
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    mean_tokens = sum(len(tok.encode(r["response"])) for r in records) / max(1, len(records))
+    print(f"source {args.source}: {manifest['kept']}/{manifest['questions']} kept "
+          f"(coverage {manifest['coverage']:.0%}), by path {manifest['counts_by_path']}, "
+          f"mean response tokens {mean_tokens:.1f}, build {manifest['build_seconds']} s")
+    print(f"cache: {manifest['cache_folder']}")
+    for r in records[:2]:
+        print(f"--- {r['id']} ({r['path']})\nQ: {r['question']}\nA: {r['response']}")
+
+
+if __name__ == "__main__":
+    main()
