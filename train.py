@@ -1,0 +1,452 @@
+"""The experiment in one command: `python train.py --source self`.
+
+For each response source (paper section 2) on the same training questions:
+  1. build or reuse the training set (sources.py),
+  2. measure the untuned model's perplexity on it (perplexity.py; the paper's familiarity),
+  3. LoRA fine-tune (lora.py; the paper's q_proj,v_proj r=8 alpha=16), validating after every
+     epoch on held-out training-split questions and keeping the best epoch's adapter,
+  4. evaluate the best adapter on the task's test set and on other tasks (eval.py; forgetting).
+Every run writes runs/<name>/: config.json (every argument, git commit, seeds), metrics.jsonl,
+adapter/ (the best, in PEFT's format), checkpoint/ (the last epoch, for --resume) and
+results.json, and prints a summary.
+
+The training loop, in plain sight:
+- loss = sum of NLL over the supervised tokens of an optimiser step / number of those tokens,
+  counted across all gradient-accumulation micro-batches and all processes (DESIGN.md 4.8). A
+  long response thus weighs by its tokens, as in one big batch, whatever the micro-batching.
+- AdamW on the LoRA parameters only; linear warmup then cosine decay; gradient clipping.
+- bf16 autocast on CUDA (fp16 + a gradient scaler where bf16 is missing); `--dtype bf16` on CPU.
+- Data parallel with `torchrun --nproc_per_node=N train.py ...`: every optimiser step's examples
+  are dealt out across processes, each process sums its NLL / the global token count, and the
+  LoRA gradients are summed with one all-reduce (no DistributedDataParallel wrapper: the few
+  LoRA tensors make the explicit version both simple and exact).
+
+Deviations from the paper: the defaults are a CPU-sized experiment (SmolLM2-135M, a few dozen
+examples, few epochs); `--preset paper` restores the paper's setting for a GPU. Validation
+uses held-out training questions, never the test set (the paper's code used the head of test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data import Batch, collate, length_buckets, render
+
+PRESETS = {
+    # The paper: 1000 examples, LoRA q/v r8 alpha16, effective batch 30, cosine, lr 5e-5..2e-4,
+    # up to 10-20 epochs with the best checkpoint on validation (DESIGN.md section 1).
+    "paper": dict(n_train=1000, lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_targets="q_proj,v_proj",
+                  batch_size=30, lr=2e-4, epochs=10, warmup_ratio=0.03, n_val=100, n_test=None,
+                  max_new_tokens=512, dtype="bf16"),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed helpers (all no-ops in a single process)
+
+
+def dist_setup():
+    """(rank, world_size) from torchrun's environment; initialises the process group if > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return (dist.get_rank() if world > 1 else 0), world
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+# ----------------------------------------------------------------------------------------------
+# The schedule and the steps
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float, min_ratio: float = 0.0) -> float:
+    """Linear warmup to `peak`, then cosine decay to min_ratio * peak at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def epoch_steps(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The epoch's optimiser steps: a permutation seeded by (seed, epoch), cut into global batches.
+    Every example appears in exactly one step."""
+    order = list(range(n))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def rank_share(step_examples: list[int], rank: int, world: int) -> list[int]:
+    """This process's part of a global step: every world-th example (all when world == 1)."""
+    return step_examples[rank::world]
+
+
+def masked_nll_sum(model, batch: Batch, autocast_dtype) -> torch.Tensor:
+    """Summed NLL over the batch's supervised tokens (a scalar with grad)."""
+    from perplexity import response_nll
+    with torch.autocast(batch.input_ids.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        nll, _ = response_nll(model, batch)
+    return nll.sum()
+
+
+def train_step(model, optimizer, rendered, step_examples, args, rank, world, autocast_dtype, scaler, lr):
+    """One optimiser step over `step_examples` (global); returns (mean loss per token, tokens)."""
+    device = model.device
+    mine = rank_share(step_examples, rank, world)
+    # The denominator is the step's global count of supervised tokens, known before any forward.
+    n_tokens = torch.tensor(float(sum(rendered[i].n_targets for i in step_examples)))
+    local_sum = torch.zeros((), device=device)
+    micro = length_buckets([len(rendered[i].ids) for i in mine], args.micro_batch)
+    for idx in micro:
+        batch = collate([rendered[mine[j]] for j in idx], args.pad_id).to(device)
+        loss = masked_nll_sum(model, batch, autocast_dtype) / n_tokens.item()
+        (scaler.scale(loss) if scaler else loss).backward()
+        local_sum += loss.detach()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if world > 1:  # sum the per-process gradients: each already divided by the global count
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            all_reduce_sum(p.grad)
+        all_reduce_sum(local_sum)
+    if scaler:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return local_sum.item(), int(n_tokens.item()), float(grad_norm)
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folder: config, metrics, checkpoints
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def save_checkpoint(folder: Path, model, optimizer, scaler, state: dict, lora_cfg, model_name):
+    """The last finished epoch: adapter + optimiser + loop state, swapped in atomically."""
+    from lora import save_adapter
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        import shutil
+        shutil.rmtree(tmp)
+    save_adapter(model, tmp / "adapter", lora_cfg, model_name)
+    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                "rng_torch": torch.get_rng_state(), **state}, tmp / "trainer.pt")
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        import shutil
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, folder)
+
+
+def append_metrics(path: Path, row: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------------------------
+# One source, end to end
+
+
+@dataclass
+class Context:
+    model_folder: Path
+    tok: object
+    rank: int
+    world: int
+    device: str
+
+
+def run_source(source: str, args, ctx: Context) -> dict:
+    import sources
+    from eval import evaluate_task
+    from lora import LoRAConfig, count_parameters, inject_lora, load_adapter
+    from model import Transformer
+    from perplexity import dataset_perplexity
+    from sources import write_json_atomic
+    import tasks
+
+    rank, world, tok = ctx.rank, ctx.world, ctx.tok
+    name = args.run_name or f"{args.task}-{source.replace(':', '_').replace('/', '_')}-{args.model.split('/')[-1]}-s{args.seed}"
+    run_dir = Path(args.runs_dir) / name
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+
+    # 1. the training set (rank 0 builds; the others wait, then read the same cache)
+    if rank == 0:
+        records, manifest = sources.build(source, args.model, args.task, args.n_train, args.seed,
+                                          dtype=args.gen_dtype, device=args.device, k=args.k,
+                                          max_new_tokens=args.max_new_tokens)
+    if world > 1:
+        dist.barrier()
+        if rank != 0:
+            records, manifest = sources.build(source, args.model, args.task, args.n_train, args.seed,
+                                              dtype=args.gen_dtype, device=args.device, progress=False,
+                                              k=args.k, max_new_tokens=args.max_new_tokens)
+    log(f"[{source}] training set: {manifest['kept']} examples, by path {manifest['counts_by_path']}")
+
+    model = Transformer.from_pretrained(ctx.model_folder, "bf16" if args.dtype == "bf16" else "fp32", ctx.device)
+    pairs = [(r["prompt"], r["response"]) for r in records]
+
+    # 2. familiarity: perplexity of the untuned model on exactly these responses
+    ppl = dataset_perplexity(model, tok, pairs, batch_size=args.eval_batch_size) if rank == 0 else None
+    if ppl:
+        log(f"[{source}] untuned perplexity: mean {ppl['mean_ppl']:.3f}, pooled {ppl['pooled_ppl']:.3f} "
+            f"over {ppl['tokens']} tokens")
+
+    # 3. LoRA fine-tuning
+    lora_cfg = LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                          targets=args.lora_targets)
+    inject_lora(model, lora_cfg, seed=args.seed)
+    trainable, total = count_parameters(model)
+    log(f"[{source}] LoRA {args.lora_targets} r={args.lora_r} alpha={args.lora_alpha}: "
+        f"{trainable:,} trainable / {total:,} parameters ({100 * trainable / total:.3f}%)")
+    rendered = [render(tok, p, r) for p, r in pairs]
+    too_long = [i for i, r in enumerate(rendered) if len(r.ids) > args.max_seq_len]
+    if too_long:
+        log(f"[{source}] dropping {len(too_long)} examples longer than --max-seq-len {args.max_seq_len}")
+        rendered = [r for i, r in enumerate(rendered) if i not in set(too_long)]
+    if not rendered:
+        raise ValueError(f"source {source} produced no training examples")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    autocast_dtype = None
+    scaler = None
+    if ctx.device.startswith("cuda"):
+        if torch.cuda.is_bf16_supported():
+            autocast_dtype = torch.bfloat16
+        else:
+            autocast_dtype = torch.float16
+            scaler = torch.amp.GradScaler("cuda")
+    steps_per_epoch = math.ceil(len(rendered) / args.batch_size)
+    total_steps = steps_per_epoch * args.epochs
+    warmup = max(1, round(args.warmup_ratio * total_steps))
+
+    val = tasks.splits(args.task, n_train=args.n_train, n_val=args.n_val, seed=args.seed)["val"]
+    ckpt_dir, adapter_dir = run_dir / "checkpoint", run_dir / "adapter"
+    metrics_path = run_dir / "metrics.jsonl"
+    state = {"epoch": 0, "step": 0, "best": None, "best_epoch": None}
+    if args.resume and (ckpt_dir / "trainer.pt").exists():
+        load_adapter(model, ckpt_dir / "adapter", inject=False)
+        saved = torch.load(ckpt_dir / "trainer.pt", weights_only=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        if scaler and saved["scaler"]:
+            scaler.load_state_dict(saved["scaler"])
+        torch.set_rng_state(saved["rng_torch"])
+        state = {k: saved[k] for k in state}
+        log(f"[{source}] resuming after epoch {state['epoch']} (step {state['step']})")
+    elif rank == 0:
+        if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:
+            raise ValueError(f"run folder {run_dir} already exists: pass --resume to continue it, "
+                             f"--overwrite to replace it, or --run-name to pick another")
+        import shutil
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        write_json_atomic(run_dir / "config.json", {
+            **vars(args), "source": source, "git_commit": git_commit(), "world_size": world,
+            "torch": torch.__version__, "device": ctx.device, "manifest": manifest,
+            "trainable_parameters": trainable, "total_parameters": total})
+        if ppl:
+            write_json_atomic(run_dir / "perplexity.json", {"source": source, **ppl})
+    if world > 1:
+        dist.barrier()
+
+    from tqdm import tqdm
+    for epoch in range(state["epoch"], args.epochs):
+        model.train()
+        steps = epoch_steps(len(rendered), args.batch_size, args.seed, epoch)
+        bar = tqdm(steps, desc=f"[{source}] epoch {epoch + 1}/{args.epochs}", unit="step",
+                   disable=rank != 0, file=sys.stderr)
+        epoch_loss, epoch_tokens, seq_tokens, t0 = 0.0, 0, 0, time.time()
+        for step_examples in bar:
+            lr = lr_at(state["step"], total_steps, warmup, args.lr)
+            loss, n_tok, gnorm = train_step(model, optimizer, rendered, step_examples, args, rank, world,
+                                            autocast_dtype, scaler, lr)
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss became {loss} at step {state['step']} (epoch {epoch + 1}); the last good "
+                    f"checkpoint is in {ckpt_dir}. Lower --lr or use --dtype fp32.")
+            state["step"] += 1
+            epoch_loss += loss * n_tok
+            epoch_tokens += n_tok
+            seq_tokens += sum(len(rendered[i].ids) for i in step_examples)  # incl. prompts
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{seq_tokens / (time.time() - t0):.0f}")
+            if rank == 0:
+                append_metrics(metrics_path, {"epoch": epoch + 1, "step": state["step"], "loss": loss,
+                                              "tokens": n_tok, "lr": lr, "grad_norm": gnorm})
+        # validation: greedy accuracy on held-out training-split questions
+        model.eval()
+        if rank == 0:
+            v = evaluate_task(model, tok, args.task, examples=val, batch_size=args.eval_batch_size,
+                              max_new_tokens=args.max_new_tokens)
+            improved = state["best"] is None or v["accuracy"] > state["best"]
+            row = {"epoch": epoch + 1, "step": state["step"], "train_loss": epoch_loss / max(1, epoch_tokens),
+                   "val_accuracy": v["accuracy"], "val_n": v["n"], "epoch_seconds": round(time.time() - t0, 1)}
+            append_metrics(metrics_path, row)
+            log(f"[{source}] epoch {epoch + 1}: train loss {row['train_loss']:.4f}, "
+                f"val accuracy {v['accuracy']:.3f} ({v['n']} questions){' *best*' if improved else ''}")
+            if improved:
+                from lora import save_adapter
+                state["best"], state["best_epoch"] = v["accuracy"], epoch + 1
+                save_adapter(model, adapter_dir, lora_cfg, args.model)
+            state["epoch"] = epoch + 1
+            save_checkpoint(ckpt_dir, model, optimizer, scaler, state, lora_cfg, args.model)
+        else:
+            state["epoch"] = epoch + 1
+        if world > 1:
+            dist.barrier()
+
+    # 4. test: in-domain and the other tasks, with the best adapter
+    if rank != 0:
+        return {}
+    from model import Transformer as _T
+    best = _T.from_pretrained(ctx.model_folder, "bf16" if args.dtype == "bf16" else "fp32", ctx.device)
+    load_adapter(best, adapter_dir)
+    results = {"source": source, "run_dir": str(run_dir), "train_examples": len(rendered),
+               "best_epoch": state["best_epoch"], "val_accuracy": state["best"],
+               "perplexity": {k: ppl[k] for k in ("n", "tokens", "mean_ppl", "pooled_ppl", "median_ppl")},
+               "test": {}}
+    for task in [args.task] + [t for t in args.eval_tasks if t != args.task]:
+        r = evaluate_task(best, tok, task, n=args.n_test, batch_size=args.eval_batch_size,
+                          max_new_tokens=args.max_new_tokens, records_path=run_dir / f"eval-{task}.jsonl")
+        results["test"][task] = {k: r[k] for k in ("accuracy", "ci_low", "ci_high", "n")}
+        log(f"[{source}] test {task}: {r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] (n={r['n']})")
+    write_json_atomic(run_dir / "results.json", results)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(description="Fine-tune on one or more response sources and compare them.")
+    g = ap.add_argument_group("experiment")
+    g.add_argument("--source", nargs="+", default=["self"],
+                   help="response source(s): human, self, rewrite, teacher:MODEL, minimum-change:MODEL, file:PATH")
+    g.add_argument("--model", default="smollm2-135m-instruct", help="target model: short name or HF-format folder")
+    g.add_argument("--task", default="gsm8k", help="training task (gsm8k or math)")
+    g.add_argument("--eval-tasks", nargs="*", default=["gsm8k", "csqa"],
+                   help="tasks evaluated after training (forgetting); the training task always is")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="'paper': the paper's setting (1000 examples, batch 30, 10 epochs, bf16), for a GPU")
+    g.add_argument("--seed", type=int, default=0, help="seed of the split, sampling, LoRA init and data order")
+    g.add_argument("--n-train", type=int, default=32, help="training questions (first N of the seeded shuffle)")
+    g.add_argument("--n-val", type=int, default=16, help="validation questions, carved from the training split")
+    g.add_argument("--n-test", type=int, default=32, help="test questions per task (default small for CPU)")
+    g.add_argument("--k", type=int, default=2, help="self: samples per question before rationalisation")
+    g.add_argument("--max-new-tokens", type=int, default=200, help="longest generated answer")
+    l = ap.add_argument_group("LoRA")
+    l.add_argument("--lora-r", type=int, default=8, help="rank (paper: 8)")
+    l.add_argument("--lora-alpha", type=float, default=16, help="alpha; scale = alpha / r (paper: 16)")
+    l.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input (paper: 0)")
+    l.add_argument("--lora-targets", default="q_proj,v_proj",
+                   help="comma-separated module-name suffixes, or all-linear (paper: q_proj,v_proj)")
+    o = ap.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=3, help="epochs; the best one on validation is kept")
+    o.add_argument("--batch-size", type=int, default=8, help="examples per optimiser step, across processes (paper: 30)")
+    o.add_argument("--micro-batch", type=int, default=8, help="examples per forward pass (gradient accumulation)")
+    o.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (paper: 5e-5 to 2e-4)")
+    o.add_argument("--warmup-ratio", type=float, default=0.1, help="share of steps in linear warmup")
+    o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    o.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
+    o.add_argument("--max-seq-len", type=int, default=1024, help="drop longer training examples (counted)")
+    s = ap.add_argument_group("system")
+    s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="weights dtype (CUDA always autocasts to bf16/fp16); bf16 is ~2x faster on CPU")
+    s.add_argument("--gen-dtype", default="bf16", choices=["fp32", "bf16"],
+                   help="dtype for building sources by generation")
+    s.add_argument("--device", default=None, help="cpu, cuda or mps (default: best available)")
+    s.add_argument("--eval-batch-size", type=int, default=16, help="batch size for perplexity and evaluation")
+    s.add_argument("--runs-dir", default="runs", help="where run folders go")
+    s.add_argument("--run-name", default=None, help="run folder name (default: task-source-model-seed)")
+    s.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    return ap
+
+
+def main(argv=None):
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.preset:
+        explicit = {a.dest for a in ap._actions if any(opt in (argv or sys.argv[1:]) for opt in a.option_strings)}
+        for k, v in PRESETS[args.preset].items():
+            if k not in explicit:
+                setattr(args, k, v)
+    if args.run_name and len(args.source) > 1:
+        sys.exit("error: --run-name names one run; drop it when training several sources")
+    from model import ModelLoadError, best_device
+    from pretrained import resolve_model
+    from tokenizer import Tokenizer
+
+    rank, world = dist_setup()
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    device = args.device or best_device()
+    if world > 1 and device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    try:
+        folder = resolve_model(args.model)
+        tok = Tokenizer.from_folder(folder)
+        args.pad_id = tok.pad_id
+        ctx = Context(folder, tok, rank, world, device)
+        all_results = [run_source(source, args, ctx) for source in args.source]
+    except (ModelLoadError, FileNotFoundError, ValueError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if rank == 0:
+        print_summary(all_results)
+
+
+def print_summary(results: list[dict]):
+    print("\n=== summary ===")
+    tasks_ = sorted({t for r in results for t in r["test"]})
+    print(f"{'source':<24} {'train ppl':>9} {'best ep':>7} " + " ".join(f"{t:>16}" for t in tasks_))
+    for r in results:
+        cells = [f"{r['test'][t]['accuracy']:.3f}±{(r['test'][t]['ci_high'] - r['test'][t]['ci_low']) / 2:.3f}"
+                 if t in r["test"] else "-" for t in tasks_]
+        print(f"{r['source']:<24} {r['perplexity']['mean_ppl']:>9.3f} {str(r['best_epoch']):>7} "
+              + " ".join(f"{c:>16}" for c in cells))
+    for r in results:
+        print(f"run folder: {r['run_dir']}")
+
+
+if __name__ == "__main__":
+    main()
