@@ -230,9 +230,9 @@ def run_source(source: str, args, ctx: Context) -> dict:
             f"over {ppl['tokens']} tokens")
 
     # 3. LoRA fine-tuning
-    lora_cfg = LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                          targets=args.lora_targets)
-    inject_lora(model, lora_cfg, seed=args.seed)
+    targets = args.lora_targets if args.lora_targets == "all-linear" else args.lora_targets.split(",")
+    lora_cfg = LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets)
+    inject_lora(model, lora_cfg.targets, lora_cfg.r, lora_cfg.alpha, lora_cfg.dropout, seed=args.seed)
     trainable, total = count_parameters(model)
     log(f"[{source}] LoRA {args.lora_targets} r={args.lora_r} alpha={args.lora_alpha}: "
         f"{trainable:,} trainable / {total:,} parameters ({100 * trainable / total:.3f}%)")
@@ -262,7 +262,7 @@ def run_source(source: str, args, ctx: Context) -> dict:
     metrics_path = run_dir / "metrics.jsonl"
     state = {"epoch": 0, "step": 0, "best": None, "best_epoch": None}
     if args.resume and (ckpt_dir / "trainer.pt").exists():
-        load_adapter(model, ckpt_dir / "adapter", inject=False)
+        load_adapter(model, ckpt_dir / "adapter")  # LoRA layers already injected: checked, then loaded
         saved = torch.load(ckpt_dir / "trainer.pt", weights_only=False)
         optimizer.load_state_dict(saved["optimizer"])
         if scaler and saved["scaler"]:
