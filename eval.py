@@ -538,7 +538,103 @@ def run_humaneval_completion(problem: dict, completion: str, timeout_s: float = 
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. CLI (the lead extends this with generation-based accuracy)
+# 6. Evaluating a model: greedy generation, likelihood multiple choice, code execution
+#
+# Every record (prompt, output, extracted answer, gold, correct) is kept, in a fixed order, so a
+# score can be audited line by line; the accuracy is one division of two sums at the end.
+
+
+def extract_code(output: str, problem: dict) -> str:
+    """The completion to append to a HumanEval prompt, from a chat model's reply.
+
+    Chat models usually answer with a whole ```python block that repeats the `def`; then the
+    block is the program and the prompt is only there for its imports. Otherwise the reply is
+    taken as the function body.
+    """
+    blocks = re.findall(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", output, flags=re.S)
+    code = blocks[0] if blocks else output
+    if re.search(rf"def\s+{re.escape(problem['entry_point'])}\s*\(", code):
+        # the reply redefines the function: keep the prompt's imports, then the reply's code
+        imports = "\n".join(l for l in problem["prompt"].splitlines() if l.startswith(("import ", "from ")))
+        return "\n    pass\n\n" + imports + "\n" + code  # closes the prompt's def, then redefines it
+    return code
+
+
+def option_nlls(model, tok, prompt: str, options: Sequence[str], batch_size: int = 16) -> list[tuple[float, int]]:
+    """(sum log-prob, tokens) of each option as the assistant's whole reply (end-of-turn included)."""
+    from data import render
+    from perplexity import example_nlls
+
+    rendered = [render(tok, prompt, opt) for opt in options]
+    return [(-e.nll, e.tokens) for e in example_nlls(model, rendered, tok.pad_id, batch_size)]
+
+
+def evaluate_task(model, tok, task: str, n: int | None = None, examples=None, batch_size: int = 16,
+                  max_new_tokens: int = 256, records_path=None, seed: int = 0, progress: bool = False) -> dict:
+    """Accuracy of `model` on `task` (the first n test questions, or the given `examples`).
+
+    Returns {"task", "n", "accuracy", "ci_low", "ci_high", "records"} (+ "accuracy_norm" and its
+    interval for multiple choice, scored both by raw and by per-token log-likelihood).
+    """
+    import tasks as tasks_mod
+    from data import generate_responses
+
+    if examples is None:
+        examples = tasks_mod.splits(task, seed=seed)["test"]
+        examples = examples[:n] if n else examples
+    if not examples:
+        raise ValueError(f"no {task} examples to evaluate")
+    kind = task_kind(task)
+    records = []
+    if kind in ("numeric", "math"):
+        outputs = generate_responses(model, tok, [e.prompt for e in examples], max_new_tokens,
+                                     batch_size=batch_size, progress=progress)
+        for e, out in zip(examples, outputs):
+            pred = extract_answer(out, task)
+            records.append({"id": e.id, "prompt": e.prompt, "output": out, "extracted": pred,
+                            "gold": e.gold, "correct": answers_match(pred, e.gold, task)})
+    elif kind == "choice":
+        for e in examples:
+            scored = option_nlls(model, tok, e.question_with_options if hasattr(e, "question_with_options")
+                                 else e.prompt, e.choices, batch_size)
+            raw, norm = choice_logprobs(lambda _p, opt, _s=dict(zip(e.choices, scored)): _s[opt], e.prompt, e.choices)
+            letters = "ABCDEFGHIJ"
+            records.append({"id": e.id, "prompt": e.prompt, "options": e.choices,
+                            "logprobs": [s for s, _ in scored], "tokens": [t for _, t in scored],
+                            "extracted": letters[raw], "extracted_norm": letters[norm], "gold": e.gold,
+                            "correct": letters[raw] == e.gold, "correct_norm": letters[norm] == e.gold})
+    else:  # code
+        outputs = generate_responses(model, tok, [e.prompt for e in examples], max_new_tokens,
+                                     batch_size=batch_size, progress=progress)
+        for e, out in zip(examples, outputs):
+            problem = e.meta["problem"]
+            completion = extract_code(out, problem)
+            verdict = run_humaneval_completion(problem, completion)
+            records.append({"id": e.id, "prompt": e.prompt, "output": out, "extracted": completion,
+                            "gold": None, "correct": verdict["passed"], "verdict": verdict["result"]})
+    acc, lo, hi = accuracy_ci([r["correct"] for r in records])
+    result = {"task": task, "n": len(records), "accuracy": acc, "ci_low": lo, "ci_high": hi}
+    if kind == "choice":
+        result["accuracy_norm"], result["ci_low_norm"], result["ci_high_norm"] = accuracy_ci(
+            [r["correct_norm"] for r in records])
+    if records_path is not None:
+        write_jsonl_atomic(records_path, records)
+    result["records"] = records
+    return result
+
+
+def write_jsonl_atomic(path, rows: list[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. CLI
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -550,7 +550,7 @@ def main(argv=None):
         device = args.device or best_device()
         model = Transformer.from_pretrained(folder, args.dtype, device)
         tok = Tokenizer.from_folder(folder)
-    except (ModelLoadError, FileNotFoundError, RuntimeError) as e:
+    except (ModelLoadError, FileNotFoundError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     if args.chat:
         ids = tok.encode(tok.render_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True))
