@@ -65,8 +65,11 @@ def render(tok: Tokenizer, prompt: str, response: str, system: str | None = None
         raise ValueError("the chat template renders the prompt differently with and without a reply; "
                          "cannot tell prompt from response")
     # Some templates strip the reply (Llama-2 writes ' ' + content.strip()): locate what is there.
-    body = response.strip() or response
+    body = response
     start = text.find(body, len(head))
+    if start < 0:
+        body = response.strip()
+        start = text.find(body, len(head)) if body else -1
     if start < 0:
         raise ValueError("the response does not appear in the rendered chat")
     eot = text.find(tok.eot_token, start + len(body))
