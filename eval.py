@@ -64,6 +64,9 @@ TASK_KINDS = {
 
 
 def task_kind(task: str) -> str:
+    import tasks  # the task registry knows every task it can load; TASK_KINDS adds aliases
+    if task in tasks.TASKS:
+        return tasks.TASKS[task].kind
     kind = TASK_KINDS.get(task.lower())
     if kind is None:
         raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(sorted(TASK_KINDS))}")
