@@ -1,0 +1,124 @@
+"""perplexity.py: the paper's definition, independent of batching and order, and equal to an
+independent computation with HF transformers."""
+
+import json
+import math
+import random
+import shutil
+
+import pytest
+import torch
+
+from model import Transformer
+from perplexity import dataset_perplexity
+from test_tokenizer import family_folders, tokenizer_json  # noqa: F401 (fixtures)
+from tokenizer import Tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+PAIRS = [
+    (f"Question {i}: what is {i} + {i * 3}?",
+     " ".join(["Adding", str(i), "and", str(i * 3)] * (1 + i % 5)) + f"\nFinal Answer: {i * 4}")
+    for i in range(23)
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, family_folders):  # noqa: F811
+    """A random SmolLM2-shaped model sharing the tiny tokenizer's vocabulary, in one folder."""
+    folder = tmp_path_factory.mktemp("tiny-ppl")
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        src = f"{family_folders['smollm2']}/{f}"
+        try:
+            shutil.copy(src, folder / f)
+        except FileNotFoundError:
+            pass
+    tok = Tokenizer.from_folder(folder)
+    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=512, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(folder)
+    return hf, Transformer.from_pretrained(folder, "fp32"), tok
+
+
+def rel(a, b):
+    return abs(a - b) / abs(b)
+
+
+def test_definition_mean_pooled_median(tiny):
+    _, model, tok = tiny
+    r = dataset_perplexity(model, tok, PAIRS, batch_size=4)
+    per = r["per_example"]
+    assert [e["index"] for e in per] == list(range(len(PAIRS)))
+    assert r["n"] == len(PAIRS) and r["tokens"] == sum(e["tokens"] for e in per)
+    ppls = [math.exp(e["nll"] / e["tokens"]) for e in per]
+    assert r["mean_ppl"] == pytest.approx(sum(ppls) / len(ppls), rel=1e-12)
+    assert r["pooled_ppl"] == pytest.approx(math.exp(sum(e["nll"] for e in per) / r["tokens"]), rel=1e-12)
+    assert r["median_ppl"] == pytest.approx(sorted(ppls)[len(ppls) // 2], rel=1e-12)
+    # the paper's mean of per-example perplexities is not the token-weighted pooled value
+    assert abs(r["mean_ppl"] - r["pooled_ppl"]) > 1e-6 * r["pooled_ppl"]
+
+
+def test_batch_size_and_order_do_not_matter(tiny):
+    _, model, tok = tiny
+    one = dataset_perplexity(model, tok, PAIRS, batch_size=1)
+    many = dataset_perplexity(model, tok, PAIRS, batch_size=16)
+    for k in ("mean_ppl", "pooled_ppl", "median_ppl"):
+        assert rel(many[k], one[k]) <= 1e-5
+    for a, b in zip(one["per_example"], many["per_example"]):
+        assert a["tokens"] == b["tokens"] and rel(b["nll"], a["nll"]) <= 1e-5
+    order = list(range(len(PAIRS)))
+    random.Random(3).shuffle(order)
+    shuffled = dataset_perplexity(model, tok, [PAIRS[i] for i in order], batch_size=16)
+    assert rel(shuffled["mean_ppl"], one["mean_ppl"]) <= 1e-5
+    back = {order[e["index"]]: e["nll"] for e in shuffled["per_example"]}
+    assert all(rel(back[i], one["per_example"][i]["nll"]) <= 1e-5 for i in range(len(PAIRS)))
+
+
+def independent_nll(hf, tok, prompt, response):
+    """HF's full logits, log-softmax, and the response tokens located by rendering the prompt
+    alone: a different route to the same quantity."""
+    head = tok.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    full = tok.render_chat([{"role": "user", "content": prompt},
+                            {"role": "assistant", "content": response}], add_generation_prompt=False)
+    ids = tok.encode(full)
+    n_head = len(tok.encode(head))
+    eot = ids.index(tok.eot_id, n_head)  # train on the response and its end-of-turn token
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), -1)
+    nll = -sum(logp[t - 1, ids[t]].item() for t in range(n_head, eot + 1))
+    return nll, eot + 1 - n_head
+
+
+def test_matches_independent_hf_computation(tiny):
+    hf, model, tok = tiny
+    r = dataset_perplexity(model, tok, PAIRS[:8], batch_size=8)
+    for e, (p, a) in zip(r["per_example"], PAIRS[:8]):
+        nll, n = independent_nll(hf, tok, p, a)
+        assert e["tokens"] == n
+        assert rel(e["nll"], nll) <= 1e-4
+
+
+def test_bad_inputs_are_reported_not_nan(tiny):
+    _, model, tok = tiny
+    with pytest.raises(ValueError, match="empty"):
+        dataset_perplexity(model, tok, [])
+    long = ("q", "word " * 2000)
+    r = dataset_perplexity(model, tok, PAIRS[:3] + [("q", "   "), long])
+    assert r["n"] == 3 and r["skipped"] == {"empty_response": 1, "too_long": 1}
+    assert all(math.isfinite(e["ppl"]) for e in r["per_example"])
+    with pytest.raises(ValueError, match="every example was skipped"):
+        dataset_perplexity(model, tok, [("q", ""), long])
+
+
+def test_bf16_close_to_fp32(tiny):
+    _, model, tok = tiny
+    fp32 = dataset_perplexity(model, tok, PAIRS, batch_size=8)
+    bf = model.to(torch.bfloat16)
+    try:
+        b = dataset_perplexity(bf, tok, PAIRS, batch_size=8)
+    finally:
+        model.to(torch.float32)
+    assert rel(b["mean_ppl"], fp32["mean_ppl"]) < 0.02
