@@ -165,6 +165,8 @@ def source_kind(source: str) -> tuple[str, str | None]:
 
 
 def file_fingerprint(path: str) -> str:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"file source {path} does not exist")
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
