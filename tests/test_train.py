@@ -1,0 +1,165 @@
+"""train.py: the loop sees every example once per epoch, weights the loss by tokens across
+micro-batches and processes, resumes exactly, learns, and matches itself under torchrun."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from data import collate, render
+from model import Transformer
+from test_tokenizer import family_folders, tokenizer_json  # noqa: F401 (fixtures)
+from tokenizer import Tokenizer
+
+transformers = pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, family_folders):  # noqa: F811
+    """A random SmolLM2-shaped model with the tiny tokenizer and SmolLM2's chat template."""
+    folder = tmp_path_factory.mktemp("tiny-train")
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if os.path.exists(f"{family_folders['smollm2']}/{f}"):
+            shutil.copy(f"{family_folders['smollm2']}/{f}", folder / f)
+    tok = Tokenizer.from_folder(folder)
+    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=48, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=2048, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+def base_args(tiny_dir, tmp_path, **over):
+    args = ["--source", "human", "--model", str(tiny_dir), "--n-train", "12", "--n-val", "2",
+            "--n-test", "2", "--eval-tasks", "gsm8k", "--max-new-tokens", "4", "--epochs", "2",
+            "--batch-size", "4", "--micro-batch", "2", "--lr", "1e-2", "--runs-dir", str(tmp_path / "runs"),
+            "--run-name", "r"]
+    for k, v in over.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+@pytest.fixture(autouse=True)
+def sources_cache(tmp_path, monkeypatch):
+    import sources
+    monkeypatch.setattr(sources, "CACHE_DIR", tmp_path / "sources")
+
+
+def test_every_example_once_per_epoch_across_ranks():
+    for n, bs, world in [(30, 30, 1), (31, 8, 2), (7, 4, 3), (100, 30, 4)]:
+        for epoch in range(3):
+            steps = train.epoch_steps(n, bs, seed=0, epoch=epoch)
+            seen = [i for s in steps for r in range(world) for i in train.rank_share(s, r, world)]
+            assert sorted(seen) == list(range(n))
+    assert train.epoch_steps(30, 8, 0, 0) != train.epoch_steps(30, 8, 0, 1)  # reshuffled each epoch
+
+
+def test_loss_is_weighted_by_tokens_across_micro_batches(tiny_dir):
+    """One optimiser step's gradient equals that of sum(NLL)/sum(tokens) over the whole step,
+    however the step is cut into micro-batches (a mean of micro-batch means would differ)."""
+    from lora import inject_lora
+    tok = Tokenizer.from_folder(tiny_dir)
+    rendered = [render(tok, f"q{i}", "word " * (1 + 7 * i) + "Final Answer: 1") for i in range(5)]
+
+    def grads(micro):
+        torch.manual_seed(0)
+        model = Transformer.from_pretrained(tiny_dir, "fp32")
+        inject_lora(model, ["q_proj", "v_proj"], 4, 8, 0.0, seed=0)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data.normal_(0, 0.1)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        args = type("A", (), {"micro_batch": micro, "pad_id": tok.pad_id, "grad_clip": 1e9})()
+        captured = {}
+        orig_step = opt.step
+        opt.step = lambda: captured.update({n: p.grad.clone() for n, p in model.named_parameters()
+                                            if p.requires_grad}) or orig_step()
+        loss, n_tok, _ = train.train_step(model, opt, rendered, list(range(5)), args, 0, 1, None, None, 0.0)
+        return loss, n_tok, captured
+
+    loss1, n1, g1 = grads(5)
+    loss2, n2, g2 = grads(1)
+    assert n1 == n2 == sum(r.n_targets for r in rendered)
+    assert loss1 == pytest.approx(loss2, rel=1e-5)
+    for k in g1:
+        assert torch.allclose(g1[k], g2[k], atol=1e-6, rtol=1e-4), k
+    # and the reported loss is the token-weighted mean NLL of one big batch
+    model = Transformer.from_pretrained(tiny_dir, "fp32")
+    with torch.no_grad():
+        from perplexity import response_nll
+        nll, n = response_nll(model, collate(rendered, tok.pad_id))
+    assert n.sum().item() == n1
+
+
+def adapter(run_dir):
+    return load_file(Path(run_dir) / "checkpoint" / "adapter" / "adapter_model.safetensors")
+
+
+def test_run_folder_and_loss_falls(tiny_dir, tmp_path):
+    train.main(base_args(tiny_dir, tmp_path, epochs=3))
+    run = tmp_path / "runs" / "r"
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["seed"] == 0 and cfg["lora_r"] == 8 and "git_commit" in cfg and cfg["source"] == "human"
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in rows if "train_loss" in r]
+    assert len(epochs) == 3 and epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    results = json.loads((run / "results.json").read_text())
+    assert results["perplexity"]["n"] == 12 and "gsm8k" in results["test"]
+    assert (run / "adapter" / "adapter_config.json").is_file() and (run / "eval-gsm8k.jsonl").is_file()
+
+
+def test_resume_after_kill_gives_the_same_adapter(tiny_dir, tmp_path, monkeypatch):
+    train.main(base_args(tiny_dir, tmp_path / "straight", epochs=3))
+    straight = adapter(tmp_path / "straight" / "runs" / "r")
+
+    real_save = train.save_checkpoint
+    saves = []
+
+    def killed_after_first_epoch(*a, **k):
+        real_save(*a, **k)
+        saves.append(1)
+        if len(saves) == 1:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(train, "save_checkpoint", killed_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(base_args(tiny_dir, tmp_path / "killed", epochs=3))
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    with pytest.raises(SystemExit, match="already exists"):  # no silent overwrite
+        train.main(base_args(tiny_dir, tmp_path / "killed", epochs=3))
+    train.main(base_args(tiny_dir, tmp_path / "killed", epochs=3) + ["--resume"])
+    resumed = adapter(tmp_path / "killed" / "runs" / "r")
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        assert torch.allclose(straight[k], resumed[k], atol=1e-6), k
+
+
+def test_nan_loss_stops_with_a_clear_message(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "masked_nll_sum", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(SystemExit, match="loss became nan"):
+        train.main(base_args(tiny_dir, tmp_path))
+
+
+def test_torchrun_two_processes_match_one(tiny_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "ILB_SOURCES_DIR": str(tmp_path / "sources")}
+    outs = {}
+    for n in (1, 2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+               str(ROOT / "train.py")] + base_args(tiny_dir, tmp_path / f"p{n}")
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert p.returncode == 0, p.stderr[-3000:]
+        outs[n] = adapter(tmp_path / f"p{n}" / "runs" / "r")
+        assert json.loads((tmp_path / f"p{n}" / "runs" / "r" / "config.json").read_text())["world_size"] == n
+    assert any(k.endswith("lora_B.weight") and outs[1][k].abs().max() > 1e-4 for k in outs[1])  # it trained
+    for k in outs[1]:
+        assert torch.allclose(outs[1][k], outs[2][k], atol=1e-5), k
