@@ -637,12 +637,140 @@ def write_jsonl_atomic(path, rows: list[dict]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. CLI
+# 7a. Forgetting and the comparison report
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (ties get their average rank); nan if undefined."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2 + 1
+            i = j + 1
+        return r
+    if len(x) < 2:
+        return float("nan")
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    vx = math.sqrt(sum((a - mx) ** 2 for a in rx))
+    vy = math.sqrt(sum((b - my) ** 2 for b in ry))
+    return cov / (vx * vy) if vx and vy else float("nan")
+
+
+def load_run(path) -> dict:
+    p = Path(path)
+    f = p / "results.json" if p.is_dir() else p
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} not found: is {path} a finished run folder (train.py writes results.json)?")
+    return json.loads(f.read_text())
+
+
+def write_report(run_paths: Sequence[str], out_dir: str | None = None) -> Path:
+    """report.md (+ perplexity_vs_accuracy.png): one row per run, in-domain accuracy with its
+    interval, every other task, and the mean change from the untuned base model on other tasks."""
+    runs = [load_run(p) for p in run_paths]
+    out = Path(out_dir or Path(run_paths[0]).parent)
+    in_domain = runs[0]["task"]
+    others = sorted({t for r in runs for t in r["test"] if t != in_domain})
+    base = runs[0].get("base")
+    lines = [f"# Response sources compared: {runs[0]['model']} on {in_domain}", "",
+             f"Runs: {', '.join(str(p) for p in run_paths)}. Accuracy with 95% Wilson intervals; "
+             f"training-set perplexity is the untuned model's mean per-example perplexity on that source's responses.",
+             ""]
+    head = ["source", "train ppl (mean)", "train ppl (pooled)", f"{in_domain} (in-domain)"] + others + [
+        "mean change on other tasks"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    fmt = lambda t: f"{t['accuracy']:.3f} [{t['ci_low']:.3f}, {t['ci_high']:.3f}]"  # noqa: E731
+    if base:
+        row = ["untuned base", "-", "-", fmt(base[in_domain]) if in_domain in base else "-"]
+        row += [fmt(base[t]) if t in base else "-" for t in others] + ["0"]
+        lines.append("| " + " | ".join(row) + " |")
+    ppls, accs = [], []
+    for r in runs:
+        changes = [r["test"][t]["accuracy"] - base[t]["accuracy"] for t in others
+                   if base and t in base and t in r["test"]]
+        row = [r["source"], f"{r['perplexity']['mean_ppl']:.3f}", f"{r['perplexity']['pooled_ppl']:.3f}",
+               fmt(r["test"][in_domain])]
+        row += [fmt(r["test"][t]) if t in r["test"] else "-" for t in others]
+        row += [f"{sum(changes) / len(changes):+.3f}" if changes else "-"]
+        lines.append("| " + " | ".join(row) + " |")
+        ppls.append(r["perplexity"]["mean_ppl"])
+        accs.append(r["test"][in_domain]["accuracy"])
+    rho = spearman(ppls, accs)
+    lines += ["", f"Spearman correlation between training-set perplexity and in-domain accuracy over "
+                  f"{len(runs)} sources: {rho:.3f} (the paper predicts a negative value: more familiar "
+                  f"data, better learning).", ""]
+    png = plot_ppl_vs_accuracy([r["source"] for r in runs], ppls, accs, in_domain, rho,
+                               out / "perplexity_vs_accuracy.png")
+    if png:
+        lines.append(f"![perplexity vs accuracy]({png.name})")
+    else:
+        lines.append("(no plot: matplotlib is not installed; `pip install matplotlib`)")
+    report = out / "report.md"
+    tmp = report.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, report)
+    return report
+
+
+def plot_ppl_vs_accuracy(labels, ppls, accs, task, rho, path: Path) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    ax.scatter(ppls, accs)
+    for label, x, y in zip(labels, ppls, accs):
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("training-set perplexity (untuned model, mean)")
+    ax.set_ylabel(f"{task} test accuracy after fine-tuning")
+    ax.set_title(f"Spearman rho = {rho:.2f}")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# 7b. CLI
+
+SUBCOMMANDS = ("report", "extract", "humaneval-selfcheck")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Evaluation helpers: answer extraction and HumanEval.")
+    p = argparse.ArgumentParser(
+        description="Evaluate a model (optionally with a LoRA adapter): python eval.py --model M "
+                    "--task gsm8k csqa --n 50. Subcommands: report, extract, humaneval-selfcheck.")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="short name or HF-format folder")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder (e.g. runs/X/adapter)")
+    p.add_argument("--task", nargs="+", default=["gsm8k"], help="tasks to evaluate (see tasks.py)")
+    p.add_argument("--n", type=int, default=None, help="first N test questions per task (default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest generated answer")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype")
+    p.add_argument("--device", default=None, help="cpu, cuda or mps (default: best available)")
+    p.add_argument("--out", default=None, help="folder for per-example records (JSONL per task) and results.json")
+    return p
+
+
+def build_subparser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Evaluation subcommands.")
     sub = p.add_subparsers(dest="cmd", required=True)
+    rp = sub.add_parser("report", help="compare finished runs: report.md and a perplexity/accuracy plot")
+    rp.add_argument("runs", nargs="+", help="run folders written by train.py")
+    rp.add_argument("--out", default=None, help="where report.md goes (default: the runs' parent folder)")
     ex = sub.add_parser("extract", help="print the answer extracted from a text")
     ex.add_argument("--task", required=True, help=f"one of {', '.join(sorted(TASK_KINDS))}")
     ex.add_argument("--text", required=True, help="the model output to extract from")
@@ -655,9 +783,50 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def evaluate_cli(args) -> None:
+    from model import ModelLoadError, Transformer, best_device
+    from pretrained import resolve_model
+    from tokenizer import Tokenizer
+
+    try:
+        folder = resolve_model(args.model)
+        model = Transformer.from_pretrained(folder, args.dtype, args.device or best_device())
+        tok = Tokenizer.from_folder(folder)
+        if args.adapter:
+            from lora import load_adapter, merge_lora
+            load_adapter(model, args.adapter)
+            merge_lora(model)  # same outputs, no LoRA branch to run at each step
+        results = {}
+        for task in args.task:
+            records = Path(args.out) / f"eval-{task}.jsonl" if args.out else None
+            r = evaluate_task(model, tok, task, n=args.n, batch_size=args.batch_size,
+                              max_new_tokens=args.max_new_tokens, records_path=records, progress=True)
+            results[task] = {k: v for k, v in r.items() if k != "records"}
+            extra = (f"; length-normalised {r['accuracy_norm']:.3f} [{r['ci_low_norm']:.3f}, {r['ci_high_norm']:.3f}]"
+                     if "accuracy_norm" in r else "")
+            print(f"{task}: accuracy {r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] (n={r['n']}){extra}")
+    except (ModelLoadError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if args.out:
+        from sources import write_json_atomic
+        write_json_atomic(Path(args.out) / "results.json",
+                          {"model": args.model, "adapter": args.adapter, "test": results})
+        print(f"records and results in {args.out}")
+
+
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
-    if args.cmd == "extract":
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in SUBCOMMANDS:
+        return evaluate_cli(build_parser().parse_args(argv))
+    args = build_subparser().parse_args(argv)
+    if args.cmd == "report":
+        try:
+            path = write_report(args.runs, args.out)
+        except (FileNotFoundError, KeyError, ValueError) as e:
+            sys.exit(f"error: {e}")
+        print(path.read_text())
+        print(f"wrote {path}")
+    elif args.cmd == "extract":
         try:
             ans = extract_answer(args.text, args.task)
         except ValueError as e:

@@ -191,6 +191,7 @@ class Context:
     rank: int
     world: int
     device: str
+    base: dict | None = None  # the untuned model's test results (rank 0)
 
 
 def run_source(source: str, args, ctx: Context) -> dict:
@@ -337,7 +338,8 @@ def run_source(source: str, args, ctx: Context) -> dict:
     from model import Transformer as _T
     best = _T.from_pretrained(ctx.model_folder, "bf16" if args.dtype == "bf16" else "fp32", ctx.device)
     load_adapter(best, adapter_dir)
-    results = {"source": source, "run_dir": str(run_dir), "train_examples": len(rendered),
+    results = {"source": source, "model": args.model, "task": args.task, "run_dir": str(run_dir),
+               "train_examples": len(rendered),
                "best_epoch": state["best_epoch"], "val_accuracy": state["best"],
                "perplexity": {k: ppl[k] for k in ("n", "tokens", "mean_ppl", "pooled_ppl", "median_ppl")},
                "test": {}}
@@ -346,8 +348,36 @@ def run_source(source: str, args, ctx: Context) -> dict:
                           max_new_tokens=args.max_new_tokens, records_path=run_dir / f"eval-{task}.jsonl")
         results["test"][task] = {k: r[k] for k in ("accuracy", "ci_low", "ci_high", "n")}
         log(f"[{source}] test {task}: {r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] (n={r['n']})")
+    results["base"] = ctx.base
+    results["change_from_base"] = {t: results["test"][t]["accuracy"] - ctx.base[t]["accuracy"]
+                                   for t in results["test"] if t in ctx.base}
     write_json_atomic(run_dir / "results.json", results)
     return results
+
+
+def evaluate_base(args, ctx: Context) -> dict:
+    """The untuned model on the same test questions, once per setting (cached in the runs
+    folder): the reference for forgetting."""
+    from eval import evaluate_task
+    from model import Transformer
+    from sources import write_json_atomic
+
+    slug = Path(str(args.model)).name
+    folder = Path(args.runs_dir) / f"base-{slug}-n{args.n_test}-tok{args.max_new_tokens}-{args.dtype}"
+    path = folder / "results.json"
+    done = json.loads(path.read_text())["test"] if path.exists() else {}
+    wanted = [args.task] + [t for t in args.eval_tasks if t != args.task]
+    missing = [t for t in wanted if t not in done]
+    if missing:
+        model = Transformer.from_pretrained(ctx.model_folder, "bf16" if args.dtype == "bf16" else "fp32", ctx.device)
+        for task in missing:
+            r = evaluate_task(model, ctx.tok, task, n=args.n_test, batch_size=args.eval_batch_size,
+                              max_new_tokens=args.max_new_tokens, records_path=folder / f"eval-{task}.jsonl")
+            done[task] = {k: r[k] for k in ("accuracy", "ci_low", "ci_high", "n")}
+            print(f"[base] test {task}: {r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] (n={r['n']})",
+                  flush=True)
+        write_json_atomic(path, {"model": args.model, "test": done})
+    return done
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,6 +455,8 @@ def main(argv=None):
         tok = Tokenizer.from_folder(folder)
         args.pad_id = tok.pad_id
         ctx = Context(folder, tok, rank, world, device)
+        if rank == 0:
+            ctx.base = evaluate_base(args, ctx)
         all_results = [run_source(source, args, ctx) for source in args.source]
     except (ModelLoadError, FileNotFoundError, ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
