@@ -469,7 +469,7 @@ def main(argv=None):
 
 def print_summary(results: list[dict]):
     print("\n=== summary ===")
-    tasks_ = sorted({t for r in results for t in r["test"]})
+    tasks_ = list(dict.fromkeys(t for r in results for t in r["test"]))  # in-domain first
     print(f"{'source':<24} {'train ppl':>9} {'best ep':>7} " + " ".join(f"{t:>16}" for t in tasks_))
     for r in results:
         cells = [f"{r['test'][t]['accuracy']:.3f}±{(r['test'][t]['ci_high'] - r['test'][t]['ci_low']) / 2:.3f}"
