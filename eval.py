@@ -621,19 +621,10 @@ def evaluate_task(model, tok, task: str, n: int | None = None, examples=None, ba
         result["accuracy_norm"], result["ci_low_norm"], result["ci_high_norm"] = accuracy_ci(
             [r["correct_norm"] for r in records])
     if records_path is not None:
+        from sources import write_jsonl_atomic
         write_jsonl_atomic(records_path, records)
     result["records"] = records
     return result
-
-
-def write_jsonl_atomic(path, rows: list[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ CLI: python perplexity.py --task gsm8k --source human self rewrite --n 64 --out 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys

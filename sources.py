@@ -81,6 +81,15 @@ def write_json_atomic(path, obj) -> None:
     os.replace(tmp, path)
 
 
+def write_jsonl_atomic(path, rows: list[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    append_records(tmp, rows)
+    os.replace(tmp, path)
+
+
 def read_partial(path: Path) -> list[dict]:
     """Records of a partial JSONL; a torn last line (killed mid-write) is cut off the file."""
     if not path.exists():
@@ -345,10 +354,7 @@ def build(source, model="smollm2-135m-instruct", task="gsm8k", n_train=None, see
             raise RuntimeError(f"{partial} does not hold each question exactly once; delete {folder} and rebuild")
         order = {e.id: i for i, e in enumerate(examples)}
         all_records.sort(key=lambda r: order[r["id"]])
-    tmp = folder / "data.jsonl.tmp"
-    tmp.unlink(missing_ok=True)
-    append_records(tmp, all_records)
-    os.replace(tmp, final)
+    write_jsonl_atomic(final, all_records)
     (folder / "data.partial.jsonl").unlink(missing_ok=True)
     kept = [r for r in all_records if r["response"] is not None]
     counts: dict[str, int] = {}

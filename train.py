@@ -173,13 +173,6 @@ def save_checkpoint(folder: Path, model, optimizer, scaler, state: dict, lora_cf
         os.replace(tmp, folder)
 
 
-def append_metrics(path: Path, row: dict):
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 # ----------------------------------------------------------------------------------------------
 # One source, end to end
 
@@ -200,7 +193,7 @@ def run_source(source: str, args, ctx: Context) -> dict:
     from lora import LoRAConfig, count_parameters, inject_lora, load_adapter
     from model import Transformer
     from perplexity import dataset_perplexity
-    from sources import write_json_atomic
+    from sources import append_records, write_json_atomic
     import tasks
 
     rank, world, tok = ctx.rank, ctx.world, ctx.tok
@@ -308,8 +301,8 @@ def run_source(source: str, args, ctx: Context) -> dict:
             seq_tokens += sum(len(rendered[i].ids) for i in step_examples)  # incl. prompts
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{seq_tokens / (time.time() - t0):.0f}")
             if rank == 0:
-                append_metrics(metrics_path, {"epoch": epoch + 1, "step": state["step"], "loss": loss,
-                                              "tokens": n_tok, "lr": lr, "grad_norm": gnorm})
+                append_records(metrics_path, [{"epoch": epoch + 1, "step": state["step"], "loss": loss,
+                                              "tokens": n_tok, "lr": lr, "grad_norm": gnorm}])
         # validation: greedy accuracy on held-out training-split questions
         model.eval()
         if rank == 0:
@@ -318,7 +311,7 @@ def run_source(source: str, args, ctx: Context) -> dict:
             improved = state["best"] is None or v["accuracy"] > state["best"]
             row = {"epoch": epoch + 1, "step": state["step"], "train_loss": epoch_loss / max(1, epoch_tokens),
                    "val_accuracy": v["accuracy"], "val_n": v["n"], "epoch_seconds": round(time.time() - t0, 1)}
-            append_metrics(metrics_path, row)
+            append_records(metrics_path, [row])
             log(f"[{source}] epoch {epoch + 1}: train loss {row['train_loss']:.4f}, "
                 f"val accuracy {v['accuracy']:.3f} ({v['n']} questions){' *best*' if improved else ''}")
             if improved:

@@ -2,10 +2,9 @@
 family; batching pads on the right and never trains on padding."""
 
 import pytest
-import torch
 
 from data import collate, length_buckets, render
-from test_tokenizer import FAMILIES, family_folders, tokenizer_json  # noqa: F401 (fixtures)
+from test_tokenizer import FAMILIES
 from tokenizer import Tokenizer
 
 RESPONSES = [
@@ -17,7 +16,7 @@ RESPONSES = [
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("response", RESPONSES)
-def test_mask_is_exactly_the_response_and_end_of_turn(family, response, family_folders):  # noqa: F811
+def test_mask_is_exactly_the_response_and_end_of_turn(family, response, family_folders):
     tok = Tokenizer.from_folder(family_folders[family])
     prompt = "Natalia sold clips to 48 of her friends in April. How many?"
     r = render(tok, prompt, response)
@@ -37,14 +36,14 @@ def test_mask_is_exactly_the_response_and_end_of_turn(family, response, family_f
     assert prompt.strip() in tok.decode(r.ids[:first], skip_special_tokens=True)
 
 
-def test_system_prompt_is_not_trained(family_folders):  # noqa: F811
+def test_system_prompt_is_not_trained(family_folders):
     tok = Tokenizer.from_folder(family_folders["smollm2"])
     r = render(tok, "2+2?", "Final Answer: 4", system="Be brief.")
     text = tok.decode([i for i, m in zip(r.ids, r.mask) if not m], skip_special_tokens=True)
     assert "Be brief." in text and "2+2?" in text and "Final Answer" not in text
 
 
-def test_collate_pads_right_and_never_trains_padding(family_folders):  # noqa: F811
+def test_collate_pads_right_and_never_trains_padding(family_folders):
     tok = Tokenizer.from_folder(family_folders["smollm2"])
     items = [render(tok, "q", RESPONSES[0]), render(tok, "q", "x")]
     b = collate(items, pad_id=tok.pad_id)

@@ -1,17 +1,14 @@
 """perplexity.py: the paper's definition, independent of batching and order, and equal to an
 independent computation with HF transformers."""
 
-import json
 import math
 import random
-import shutil
 
 import pytest
 import torch
 
 from model import Transformer
 from perplexity import dataset_perplexity
-from test_tokenizer import family_folders, tokenizer_json  # noqa: F401 (fixtures)
 from tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -24,23 +21,10 @@ PAIRS = [
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, family_folders):  # noqa: F811
-    """A random SmolLM2-shaped model sharing the tiny tokenizer's vocabulary, in one folder."""
-    folder = tmp_path_factory.mktemp("tiny-ppl")
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        src = f"{family_folders['smollm2']}/{f}"
-        try:
-            shutil.copy(src, folder / f)
-        except FileNotFoundError:
-            pass
-    tok = Tokenizer.from_folder(folder)
-    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=512, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    hf.save_pretrained(folder)
-    return hf, Transformer.from_pretrained(folder, "fp32"), tok
+def tiny(tiny_model_dir):
+    """The tiny model loaded twice: by HF transformers (the reference) and by us."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    return hf, Transformer.from_pretrained(tiny_model_dir, "fp32"), Tokenizer.from_folder(tiny_model_dir)
 
 
 def rel(a, b):
@@ -105,7 +89,7 @@ def test_bad_inputs_are_reported_not_nan(tiny):
     _, model, tok = tiny
     with pytest.raises(ValueError, match="empty"):
         dataset_perplexity(model, tok, [])
-    long = ("q", "word " * 2000)
+    long = ("q", "word " * 5000)  # longer than the 2048-token context
     r = dataset_perplexity(model, tok, PAIRS[:3] + [("q", "   "), long])
     assert r["n"] == 3 and r["skipped"] == {"empty_response": 1, "too_long": 1}
     assert all(math.isfinite(e["ppl"]) for e in r["per_example"])

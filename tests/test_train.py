@@ -3,7 +3,6 @@ micro-batches and processes, resumes exactly, learns, and matches itself under t
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,6 @@ from safetensors.torch import load_file
 import train
 from data import collate, render
 from model import Transformer
-from test_tokenizer import family_folders, tokenizer_json  # noqa: F401 (fixtures)
 from tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -23,19 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, family_folders):  # noqa: F811
-    """A random SmolLM2-shaped model with the tiny tokenizer and SmolLM2's chat template."""
-    folder = tmp_path_factory.mktemp("tiny-train")
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if os.path.exists(f"{family_folders['smollm2']}/{f}"):
-            shutil.copy(f"{family_folders['smollm2']}/{f}", folder / f)
-    tok = Tokenizer.from_folder(folder)
-    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=48, intermediate_size=96,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=2048, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
-    return folder
+def tiny_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def base_args(tiny_dir, tmp_path, **over):
