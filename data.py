@@ -176,6 +176,8 @@ def main(argv=None):
     s.add_argument("--source", default="human",
                    help="response source: human, or any source built by sources.py (reads its cache)")
     s.add_argument("--n", type=int, default=2, help="how many training examples to show")
+    s.add_argument("--n-train", type=int, default=None,
+                   help="size of the built training set to read (sources.py --n-train; default its default)")
     s.add_argument("--seed", type=int, default=0, help="split seed")
     args = ap.parse_args(argv)
 
@@ -189,7 +191,7 @@ def main(argv=None):
         else:
             import sources
             pairs = [(r["prompt"], r["response"]) for r in sources.load_cached(
-                args.source, args.model, args.task)[: args.n]]
+                args.source, args.model, args.task, n_train=args.n_train, seed=args.seed)[: args.n]]
     except (FileNotFoundError, ValueError, KeyError) as e:
         sys.exit(f"error: {e}")
     for k, (prompt, response) in enumerate(pairs):
