@@ -153,17 +153,16 @@ def generate_responses(model, tok: Tokenizer, prompts: list[str], max_new_tokens
 
 
 def show(tok: Tokenizer, r: Rendered) -> str:
-    """The rendered chat with trained tokens between ⟦ ⟧ (consecutive ones joined)."""
-    out, in_span = [], False
-    for i, m in zip(r.ids, r.mask):
-        if m and not in_span:
-            out.append("⟦")
-        if not m and in_span:
-            out.append("⟧")
-        in_span = bool(m)
-        out.append(tok.decode([i], skip_special_tokens=False))
-    if in_span:
-        out.append("⟧")
+    """The rendered chat with the trained tokens between ⟦ ⟧. Runs of tokens with the same mask
+    are decoded together (one token can hold half of a multi-byte character)."""
+    out, run, cur = [], [], None
+    for i, m in zip(r.ids + [None], r.mask + [None]):
+        if m != cur and run:
+            text = tok.decode(run, skip_special_tokens=False)
+            out.append(f"⟦{text}⟧" if cur else text)
+            run = []
+        cur = m
+        run.append(i)
     return "".join(out)
 
 

@@ -67,3 +67,12 @@ def test_length_buckets_cover_each_index_once_and_respect_budget():
     capped = length_buckets(lengths, batch_size=8, max_tokens=200)
     assert all(len(b) * max(lengths[i] for i in b) <= 200 or len(b) == 1 for b in capped)
     assert sorted(i for b in capped for i in b) == list(range(len(lengths)))
+
+
+def test_show_marks_exactly_the_trained_text(family_folders):
+    from data import show
+    tok = Tokenizer.from_folder(family_folders["smollm2"])
+    r = render(tok, "2+2?", "It is ≈ 4.\nFinal Answer: 4")
+    text = show(tok, r)
+    assert text.count("⟦") == 1 and text.endswith("⟦It is ≈ 4.\nFinal Answer: 4<|im_end|>⟧\n")
+    assert "�" not in text
