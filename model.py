@@ -503,13 +503,14 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     mask = causal[None, None] & valid[:, None, None, :P]  # (B, 1, P, P)
     # a left-pad query row would attend to nothing (NaN in softmax): let it see itself
     mask = mask | torch.eye(P, dtype=torch.bool, device=device)[None, None]
-    logits = model(ids, positions, mask, cache)[:, -1]  # (B, vocab)
+    # only the last position's logits are needed: skip the vocabulary projection for the prompt
+    logits = model.lm_head(model.hidden_states(ids, positions, mask, cache)[:, -1])  # (B, vocab)
 
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     active = list(range(B))  # batch row -> prompt index; finished rows leave the batch
     next_pos = lengths.clone()
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         tok = sample_next(logits, temperature, top_p, generator)  # (rows,)
         for b, t in zip(active, tok.tolist()):
             if t in stop_ids:
@@ -519,7 +520,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
             if stop_strings and decode is not None and any(s in decode(out[b]) for s in stop_strings):
                 done[b] = True
         keep = [j for j, b in enumerate(active) if not done[b]]
-        if not keep:
+        if not keep or step == max_new_tokens - 1:  # no forward pass for a token never sampled
             break
         if len(keep) < len(active):  # compact: finished rows cost nothing from here on
             rows = torch.tensor(keep, device=device)

@@ -1,0 +1,295 @@
+"""Every fast path in model.py / perplexity.py gives the same answer as its plain path.
+
+Correctness only, never speed (bench.py measures speed). The fast paths checked:
+- SDPA attention vs the textbook math path (`model.attn_impl = "math"`), plain causal, with a KV
+  cache (several new tokens against cached ones) and with a left-padding mask;
+- the one-token CPU decode path (grouped_attention against the cache, no K/V copies per head)
+  vs SDPA with explicitly repeated K/V, and generation's cached, left-padded, row-compacting loop
+  vs recomputing each prompt + continuation from scratch;
+- top-p sampling through the top-256 shortcut vs a full-sort nucleus written here, including a
+  nucleus that needs more than 256 tokens;
+- response_nll's head-only-on-supervised-positions (chunked) vs cross entropy on full logits;
+- bf16 perplexity vs fp32 on the real SmolLM2-135M and real GSM8K pairs (within 1%).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as model_mod
+from data import Batch
+from model import KVCache, ModelConfig, Transformer, generate, grouped_attention, sample_next
+from perplexity import response_nll
+
+VOCAB = 96
+
+
+def tiny_model(n_kv=2, seed=0, **kw) -> Transformer:
+    """A random 2-layer Llama with GQA (4 query heads over n_kv kv heads), fp32."""
+    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=n_kv, max_position_embeddings=256,
+                      rope_theta=10000.0, **kw)
+    torch.manual_seed(seed)
+    m = Transformer(cfg).eval()
+    m.requires_grad_(False)
+    return m
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["gqa", "mha"])
+def tiny(request):
+    return tiny_model(n_kv=request.param)
+
+
+def run_both(m, fn):
+    """fn() under the SDPA path and under the math path."""
+    m.attn_impl = "sdpa"
+    fast = fn()
+    m.attn_impl = "math"
+    try:
+        slow = fn()
+    finally:
+        m.attn_impl = "sdpa"
+    return fast, slow
+
+
+def ids_of(shape, seed):
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------------------------
+# SDPA vs math
+
+
+@torch.no_grad()
+def test_sdpa_equals_math_causal(tiny):
+    ids = ids_of((3, 37), 1)
+    fast, slow = run_both(tiny, lambda: tiny(ids))
+    assert (fast - slow).abs().max().item() <= 1e-5
+
+
+@torch.no_grad()
+def test_sdpa_equals_math_with_kv_cache(tiny):
+    """Prefill 11 tokens, then chunks of 5 and 4 against the cache: SDPA runs with the cache mask
+    (T > 1 keeps the SDPA path on CPU), math the textbook way; both equal the full forward."""
+    ids = ids_of((2, 20), 2)
+
+    def chunked():
+        cache = KVCache(tiny.cfg, 2, 20, "cpu", torch.float32)
+        return torch.cat([tiny(ids[:, a:b], cache=cache) for a, b in ((0, 11), (11, 16), (16, 20))], 1)
+
+    fast, slow = run_both(tiny, chunked)
+    full = tiny(ids)
+    assert (fast - slow).abs().max().item() <= 1e-5
+    assert (fast - full).abs().max().item() <= 1e-5
+
+
+@torch.no_grad()
+def test_sdpa_equals_math_with_left_padding_mask(tiny):
+    """The mask generate() builds for left padding; real rows equal the unpadded sequence alone."""
+    lengths = [13, 6, 9]
+    P = max(lengths)
+    seqs = [ids_of((n,), 10 + i)[0:n] for i, n in enumerate(lengths)]
+    ids = torch.zeros(len(lengths), P, dtype=torch.long)
+    valid = torch.zeros(len(lengths), P, dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        ids[b, P - len(s):] = s
+        valid[b, P - len(s):] = True
+    L = torch.tensor(lengths)
+    positions = (torch.arange(P)[None] - (P - L)[:, None]).clamp(min=0)
+    mask = torch.ones(P, P, dtype=torch.bool).tril()[None, None] & valid[:, None, None, :]
+    mask = mask | torch.eye(P, dtype=torch.bool)[None, None]
+    fast, slow = run_both(tiny, lambda: tiny(ids, positions, mask))
+    real = valid[:, :, None].expand_as(fast)
+    assert (fast - slow)[real].abs().max().item() <= 1e-5
+    for b, s in enumerate(seqs):
+        alone = tiny(s[None])[0]
+        assert (fast[b, P - len(s):] - alone).abs().max().item() <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# One-token decoding
+
+
+def test_grouped_attention_one_token_equals_sdpa_with_repeated_kv():
+    """The CPU decode kernel (query rows of a group stacked, no K/V copy) vs SDPA on K/V repeated
+    per head, HF's layout (query head h uses kv head h // groups), with a padding mask."""
+    g = torch.Generator().manual_seed(5)
+    B, H, n_kv, S, hd = 3, 6, 2, 17, 16
+    q = torch.randn(B, H, 1, hd, generator=g)
+    k, v = torch.randn(B, n_kv, S, hd, generator=g), torch.randn(B, n_kv, S, hd, generator=g)
+    mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    mask[0, ..., :5] = False  # left padding of row 0
+    mask[2, ..., :2] = False
+    got = grouped_attention(q, k, v, mask)
+    rep = H // n_kv
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                         attn_mask=mask)
+    assert got.shape == (B, H, 1, hd)
+    assert (got - ref).abs().max().item() <= 1e-5
+
+
+@torch.no_grad()
+def test_one_token_decode_equals_full_recompute(tiny):
+    ids = ids_of((2, 26), 3)
+    cache = KVCache(tiny.cfg, 2, 26, "cpu", torch.float32)
+    steps = [tiny(ids[:, :8], cache=cache)]
+    steps += [tiny(ids[:, t:t + 1], cache=cache) for t in range(8, 26)]  # T == 1: the decode path
+    assert (torch.cat(steps, 1) - tiny(ids)).abs().max().item() <= 1e-5
+
+
+def test_generate_logits_equal_recompute_from_scratch(tiny, monkeypatch):
+    """Inside generate(): left padding, the KV cache, one-token decoding and dropping finished rows
+    from the batch. Every step's logits equal a fresh, unpadded, uncached math-path forward."""
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (9, 3, 14, 6)]
+    plain = generate(tiny, prompts, max_new_tokens=8)
+    # a stop id that ends row 1 early (its 3rd token) while other rows go on: exercises compaction
+    stop = plain[1][2]
+    seen = []
+    real_sample = model_mod.sample_next
+
+    def spy(logits, *a, **kw):
+        seen.append(logits.clone())
+        return real_sample(logits, *a, **kw)
+
+    monkeypatch.setattr(model_mod, "sample_next", spy)
+    out = generate(tiny, prompts, max_new_tokens=8, stop_ids=[stop])
+    monkeypatch.undo()
+    assert len(out[1]) < 8 and any(len(o) == 8 for o in out)  # rows did finish at different steps
+
+    tiny.attn_impl = "math"
+    try:
+        active = list(range(len(prompts)))
+        done = [False] * len(prompts)
+        for step, logits in enumerate(seen):
+            assert logits.shape[0] == len(active)
+            for row, b in enumerate(active):
+                seq = prompts[b] + out[b][:step]
+                with torch.no_grad():
+                    ref = tiny(torch.tensor([seq]))[0, -1]
+                assert (logits[row] - ref).abs().max().item() <= 1e-4, (step, b)
+                if step >= len(out[b]):  # this step produced the stop id (or hit the end)
+                    done[b] = True
+            active = [b for b in active if not done[b]]
+    finally:
+        tiny.attn_impl = "sdpa"
+    # and a row's tokens do not depend on its batch-mates
+    assert out == [generate(tiny, [p], max_new_tokens=8, stop_ids=[stop])[0] for p in prompts]
+
+
+# ----------------------------------------------------------------------------------------------
+# top-p: the top-256 shortcut vs a full sort
+
+
+def nucleus_reference(logits, temperature, top_p):
+    """The textbook nucleus: sort the whole vocabulary, keep the smallest prefix reaching top_p."""
+    probs = (logits.float() / temperature).softmax(-1)
+    sorted_probs, order = probs.sort(-1, descending=True)
+    drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+    return torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+
+
+def capture_sampling_probs(monkeypatch, logits, temperature, top_p, seed):
+    """Run sample_next, returning (tokens, the probability rows it handed to multinomial)."""
+    captured = []
+    real = torch.multinomial
+
+    def spy(probs, n, **kw):
+        captured.append(probs.clone())
+        return real(probs, n, **kw)
+
+    monkeypatch.setattr(model_mod.torch, "multinomial", spy)
+    try:
+        toks = sample_next(logits, temperature, top_p, torch.Generator().manual_seed(seed))
+    finally:
+        monkeypatch.setattr(model_mod.torch, "multinomial", real)
+    return toks, captured[0]
+
+
+def make_logits(rows_scale, V, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randn(V, generator=g) * s for s in rows_scale])
+
+
+@pytest.mark.parametrize("case", ["peaked", "flat-needs-full-sort", "mixed-batch"])
+def test_top_p_shortcut_equals_full_sort(case, monkeypatch):
+    V, top_p, temperature = 4000, 0.9, 0.8
+    scales = {"peaked": [6.0, 8.0, 5.0],  # nucleus well inside the top 256
+              "flat-needs-full-sort": [0.3, 0.1],  # near uniform: the nucleus is thousands wide
+              "mixed-batch": [7.0, 0.2, 6.0]}[case]
+    logits = make_logits(scales, V, seed=len(case))
+    ref = nucleus_reference(logits, temperature, top_p)
+    kept = (ref > 0).sum(-1)
+    if case != "peaked":
+        assert kept.max().item() > 256  # the case really needs more than the shortcut's 256
+    if case == "peaked":
+        assert kept.max().item() < 256
+    toks, got = capture_sampling_probs(monkeypatch, logits, temperature, top_p, seed=11)
+    # the same support (nucleus) and the same probabilities ...
+    assert torch.equal(got > 0, ref > 0)
+    assert (got - ref).abs().max().item() <= 1e-7
+    # ... hence the same choice from the same generator, draw after draw
+    g_fast, g_ref = torch.Generator().manual_seed(12), torch.Generator().manual_seed(12)
+    for _ in range(50):
+        a = sample_next(logits, temperature, top_p, g_fast)
+        b = torch.multinomial(nucleus_reference(logits, temperature, top_p), 1, generator=g_ref).squeeze(-1)
+        assert torch.equal(a, b)
+        assert bool((ref.gather(-1, a[:, None]) > 0).all())  # every draw lies in the nucleus
+
+
+def test_top_p_shortcut_small_vocab(monkeypatch):
+    """Vocabulary below 256: the shortcut's top-k is the whole (sorted) vocabulary."""
+    logits = make_logits([1.0, 3.0], 100, seed=3)
+    ref = nucleus_reference(logits, 1.0, 0.7)
+    _, got = capture_sampling_probs(monkeypatch, logits, 1.0, 0.7, seed=0)
+    assert torch.equal(got > 0, ref > 0)
+    assert (got - ref).abs().max().item() <= 1e-7
+
+
+# ----------------------------------------------------------------------------------------------
+# response_nll vs full logits
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("chunk", [2048, 5])
+def test_response_nll_equals_masked_full_cross_entropy(chunk):
+    m = tiny_model(n_kv=2, seed=1)
+    lengths = [30, 22, 17]
+    T = max(lengths)
+    ids = ids_of((3, T), 7)
+    target = torch.zeros(3, T, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        ids[b, n:] = 0  # right padding
+        target[b, n // 2:n] = True  # the "response": the second half of each row
+    target[:, 0] = False
+    batch = Batch(ids, target, torch.tensor(lengths))
+    nll, count = response_nll(m, batch, chunk_tokens=chunk)
+    logits = m(ids)  # (B, T, V): the head on every position, the plain way
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1),
+                         reduction="none").view(3, T - 1)
+    ref = (ce * target[:, 1:]).sum(1)
+    assert torch.equal(count, target[:, 1:].sum(1))
+    assert (nll - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# bf16 vs fp32 perplexity on the real model
+
+
+def test_bf16_perplexity_within_one_percent_of_fp32(smollm2_dir):
+    import tasks
+    from perplexity import dataset_perplexity
+    from tokenizer import Tokenizer
+
+    tok = Tokenizer.from_folder(smollm2_dir)
+    pairs = [(e.prompt, e.answer) for e in tasks.splits("gsm8k")["train"][:8]]
+    res = {}
+    for dtype in ("fp32", "bf16"):
+        m = Transformer.from_pretrained(smollm2_dir, dtype)
+        res[dtype] = dataset_perplexity(m, tok, pairs, batch_size=8)
+        del m
+    a, b = res["bf16"], res["fp32"]
+    assert a["n"] == b["n"] == 8 and a["tokens"] == b["tokens"]
+    assert 1.0 < b["mean_ppl"] < 20.0  # a real model on real text, not a broken load
+    assert abs(a["mean_ppl"] - b["mean_ppl"]) / b["mean_ppl"] < 0.01
+    assert abs(a["pooled_ppl"] - b["pooled_ppl"]) / b["pooled_ppl"] < 0.01
