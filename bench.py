@@ -553,7 +553,7 @@ def main(argv=None):
     print(format_table(results, peaks))
     print()
     mem_method = results[0]["mem_method"] if results else ""
-    print(f"model MB: " + ", ".join(f"{dt} {next(r['model_bytes'] for r in results if r['dtype'] == dt) / 2**20:.0f}"
+    print("model MB: " + ", ".join(f"{dt} {next(r['model_bytes'] for r in results if r['dtype'] == dt) / 2**20:.0f}"
                                     for dt in args.dtype) + f"; mem = {mem_method}")
     ratios = cross_ratios(results)
     for k, v in ratios.items():
