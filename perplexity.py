@@ -135,9 +135,10 @@ def dataset_perplexity(model, tok, pairs: list[tuple[str, str]], batch_size: int
 
 
 def format_table(results: list[dict]) -> str:
-    lines = [f"{'source':<28} {'n':>5} {'tokens':>8} {'mean ppl':>9} {'pooled':>8} {'median':>8}"]
+    w = max([6] + [len(r["source"]) for r in results])
+    lines = [f"{'source':<{w}} {'n':>5} {'tokens':>8} {'mean ppl':>9} {'pooled':>8} {'median':>8}"]
     for r in sorted(results, key=lambda r: r["mean_ppl"]):
-        lines.append(f"{r['source']:<28} {r['n']:>5} {r['tokens']:>8} {r['mean_ppl']:>9.3f} "
+        lines.append(f"{r['source']:<{w}} {r['n']:>5} {r['tokens']:>8} {r['mean_ppl']:>9.3f} "
                      f"{r['pooled_ppl']:>8.3f} {r['median_ppl']:>8.3f}")
     return "\n".join(lines)
 
