@@ -12,6 +12,10 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: uses the larger packaged model (Qwen2.5-Coder-0.5B); still runs in CI")
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir():
     from pretrained import resolve_model
