@@ -25,7 +25,8 @@ special tokens. Where HF transformers' own GGUF tokenizer differs (tests/test_pr
 - smollm: HF knows no `smollm` rule and falls back to plain GPT-2 splitting, without isolating
   digits. Two cases then differ (101 of the 17,584 GSM8K questions and answers): a run of 2+
   whitespace characters before a digit ("x   12": ours/llama.cpp "   ","1","2"; HF "  "," ","1",
-  "2"), and a space before a non-ASCII numeral ("a ½": ours " ","½"; HF " \xc2","\xbd" in bytes).
+  "2"), and a space before a non-ASCII numeral ("a ½": ours " ","½"; HF glues the space to the
+  first UTF-8 byte of "½", then its second byte).
 - qwen2: the original Qwen2 tokenizer applies NFC normalization first; we do too. llama.cpp and
   HF's GGUF tokenizer do not, so text in decomposed form (NFD "e\u0301") tokenizes differently.
 
