@@ -597,7 +597,9 @@ def evaluate_task(model, tok, task: str, n: int | None = None, examples=None, ba
             records.append({"id": e.id, "prompt": e.prompt, "output": out, "extracted": pred,
                             "gold": e.gold, "correct": answers_match(pred, e.gold, task)})
     elif kind == "choice":
-        for e in examples:
+        if progress:
+            from tqdm import tqdm
+        for e in (tqdm(examples, desc=f"{task} (likelihood)", unit="q", file=sys.stderr) if progress else examples):
             scored = option_nlls(model, tok, e.question_with_options if hasattr(e, "question_with_options")
                                  else e.prompt, e.choices, batch_size)
             raw, norm = choice_logprobs(lambda _p, opt, _s=dict(zip(e.choices, scored)): _s[opt], e.prompt, e.choices)

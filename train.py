@@ -218,7 +218,7 @@ def run_source(source: str, args, ctx: Context) -> dict:
     pairs = [(r["prompt"], r["response"]) for r in records]
 
     # 2. familiarity: perplexity of the untuned model on exactly these responses
-    ppl = dataset_perplexity(model, tok, pairs, batch_size=args.eval_batch_size) if rank == 0 else None
+    ppl = dataset_perplexity(model, tok, pairs, batch_size=args.eval_batch_size, progress=True) if rank == 0 else None
     if ppl:
         log(f"[{source}] untuned perplexity: mean {ppl['mean_ppl']:.3f}, pooled {ppl['pooled_ppl']:.3f} "
             f"over {ppl['tokens']} tokens")
@@ -307,7 +307,7 @@ def run_source(source: str, args, ctx: Context) -> dict:
         model.eval()
         if rank == 0:
             v = evaluate_task(model, tok, args.task, examples=val, batch_size=args.eval_batch_size,
-                              max_new_tokens=args.max_new_tokens)
+                              max_new_tokens=args.max_new_tokens, progress=True)
             improved = state["best"] is None or v["accuracy"] > state["best"]
             row = {"epoch": epoch + 1, "step": state["step"], "train_loss": epoch_loss / max(1, epoch_tokens),
                    "val_accuracy": v["accuracy"], "val_n": v["n"], "epoch_seconds": round(time.time() - t0, 1)}
@@ -338,7 +338,8 @@ def run_source(source: str, args, ctx: Context) -> dict:
                "test": {}}
     for task in [args.task] + [t for t in args.eval_tasks if t != args.task]:
         r = evaluate_task(best, tok, task, n=args.n_test, batch_size=args.eval_batch_size,
-                          max_new_tokens=args.max_new_tokens, records_path=run_dir / f"eval-{task}.jsonl")
+                          max_new_tokens=args.max_new_tokens, records_path=run_dir / f"eval-{task}.jsonl",
+                          progress=True)
         results["test"][task] = {k: r[k] for k in ("accuracy", "ci_low", "ci_high", "n")}
         log(f"[{source}] test {task}: {r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] (n={r['n']})")
     results["base"] = ctx.base
@@ -365,7 +366,8 @@ def evaluate_base(args, ctx: Context) -> dict:
         model = Transformer.from_pretrained(ctx.model_folder, "bf16" if args.dtype == "bf16" else "fp32", ctx.device)
         for task in missing:
             r = evaluate_task(model, ctx.tok, task, n=args.n_test, batch_size=args.eval_batch_size,
-                              max_new_tokens=args.max_new_tokens, records_path=folder / f"eval-{task}.jsonl")
+                              max_new_tokens=args.max_new_tokens, records_path=folder / f"eval-{task}.jsonl",
+                              progress=True)
             done[task] = {k: r[k] for k in ("accuracy", "ci_low", "ci_high", "n")}
             print(f"[base] test {task}: {r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] (n={r['n']})",
                   flush=True)
