@@ -78,6 +78,7 @@ def write_json_atomic(path, obj) -> None:
         json.dump(obj, f, indent=2, ensure_ascii=False)
         f.flush()
         os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are meant to be read
     os.replace(tmp, path)
 
 
