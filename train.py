@@ -201,17 +201,14 @@ def run_source(source: str, args, ctx: Context) -> dict:
     run_dir = Path(args.runs_dir) / name
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
 
-    # 1. the training set (rank 0 builds; the others wait, then read the same cache)
-    if rank == 0:
-        records, manifest = sources.build(source, args.model, args.task, args.n_train, args.seed,
-                                          dtype=args.gen_dtype, device=args.device, k=args.k,
-                                          max_new_tokens=args.max_new_tokens)
-    if world > 1:
+    # 1. the training set: rank 0 builds it (or finds it cached), then the other ranks read the cache
+    if rank != 0:
         dist.barrier()
-        if rank != 0:
-            records, manifest = sources.build(source, args.model, args.task, args.n_train, args.seed,
-                                              dtype=args.gen_dtype, device=args.device, progress=False,
-                                              k=args.k, max_new_tokens=args.max_new_tokens)
+    records, manifest = sources.build(source, args.model, args.task, args.n_train, args.seed,
+                                      dtype=args.gen_dtype, device=args.device, progress=rank == 0,
+                                      k=args.k, max_new_tokens=args.max_new_tokens)
+    if rank == 0 and world > 1:
+        dist.barrier()
     log(f"[{source}] training set: {manifest['kept']} examples, by path {manifest['counts_by_path']}")
 
     model = Transformer.from_pretrained(ctx.model_folder, "bf16" if args.dtype == "bf16" else "fp32", ctx.device)
@@ -231,10 +228,10 @@ def run_source(source: str, args, ctx: Context) -> dict:
     log(f"[{source}] LoRA {args.lora_targets} r={args.lora_r} alpha={args.lora_alpha}: "
         f"{trainable:,} trainable / {total:,} parameters ({100 * trainable / total:.3f}%)")
     rendered = [render(tok, p, r) for p, r in pairs]
-    too_long = [i for i, r in enumerate(rendered) if len(r.ids) > args.max_seq_len]
-    if too_long:
-        log(f"[{source}] dropping {len(too_long)} examples longer than --max-seq-len {args.max_seq_len}")
-        rendered = [r for i, r in enumerate(rendered) if i not in set(too_long)]
+    kept = [r for r in rendered if len(r.ids) <= args.max_seq_len]
+    if len(kept) < len(rendered):
+        log(f"[{source}] dropping {len(rendered) - len(kept)} examples longer than --max-seq-len {args.max_seq_len}")
+    rendered = kept
     if not rendered:
         raise ValueError(f"source {source} produced no training examples")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -435,6 +432,10 @@ def main(argv=None):
                 setattr(args, k, v)
     if args.run_name and len(args.source) > 1:
         sys.exit("error: --run-name names one run; drop it when training several sources")
+    import tasks
+    if args.task not in tasks.TASKS or not tasks.has_train(args.task):
+        trainable = [t for t in tasks.TASKS if tasks.has_train(t)]
+        sys.exit(f"error: --task {args.task} has no training split here; train on one of {', '.join(trainable)}")
     from model import ModelLoadError, best_device
     from pretrained import resolve_model
     from tokenizer import Tokenizer
