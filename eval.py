@@ -754,7 +754,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype")
     p.add_argument("--device", default=None, help="cpu, cuda or mps (default: best available)")
-    p.add_argument("--out", default=None, help="folder for per-example records (JSONL per task) and results.json")
+    p.add_argument("--out", default=None,
+                   help="folder for per-example records (eval-<task>.jsonl) and results.json "
+                        "(default: runs/eval/<model>[--<adapter's run>])")
     return p
 
 
@@ -778,6 +780,11 @@ def build_subparser() -> argparse.ArgumentParser:
 
 def evaluate_cli(args) -> None:
     from model import ModelLoadError, Transformer, best_device
+    if args.out is None:  # every score is auditable: the records are always written
+        name = Path(str(args.model)).name
+        if args.adapter:
+            name += "--" + Path(args.adapter).resolve().parent.name
+        args.out = str(Path("runs") / "eval" / name)
     from pretrained import resolve_model
     from tokenizer import Tokenizer
 
@@ -800,7 +807,7 @@ def evaluate_cli(args) -> None:
             print(f"{task}: accuracy {r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] (n={r['n']}){extra}")
     except (ModelLoadError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    if args.out:
+    if args.out:  # always set (see above)
         from sources import write_json_atomic
         write_json_atomic(Path(args.out) / "results.json",
                           {"model": args.model, "adapter": args.adapter, "test": results})
