@@ -106,3 +106,20 @@ def test_bf16_close_to_fp32(tiny):
     finally:
         model.to(torch.float32)
     assert rel(b["mean_ppl"], fp32["mean_ppl"]) < 0.02
+
+
+def test_real_smollm2_matches_independent_hf_computation(smollm2_dir):
+    """The paper's number on the real packaged model: our perplexity vs HF transformers loading the
+    same folder, computed the independent way, on real GSM8K (prompt, human answer) pairs."""
+    import tasks
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    model, tok = Transformer.from_pretrained(smollm2_dir, "fp32"), Tokenizer.from_folder(smollm2_dir)
+    pairs = [(e.prompt, e.answer) for e in tasks.splits("gsm8k", n_train=4)["train"]]
+    ours = dataset_perplexity(model, tok, pairs, batch_size=4)
+    ppls = []
+    for e, (p, a) in zip(ours["per_example"], pairs):
+        nll, n = independent_nll(hf, tok, p, a)
+        assert e["tokens"] == n
+        ppls.append(math.exp(nll / n))
+        assert rel(e["ppl"], ppls[-1]) <= 1e-3
+    assert rel(ours["mean_ppl"], sum(ppls) / len(ppls)) <= 1e-3
