@@ -288,6 +288,7 @@ def convert(name: str, folder: Path) -> None:
             return
         if folder.exists():  # a folder without config.json: an old, broken attempt
             shutil.rmtree(folder)
+        os.chmod(tmp, 0o755)  # mkdtemp made it private; the model is for every user of the machine
         os.replace(tmp, folder)  # atomic: the folder appears complete or not at all
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
