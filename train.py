@@ -33,6 +33,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -158,7 +159,6 @@ def save_checkpoint(folder: Path, model, optimizer, scaler, state: dict, lora_cf
     from lora import save_adapter
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
-        import shutil
         shutil.rmtree(tmp)
     save_adapter(model, tmp / "adapter", lora_cfg, model_name)
     torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
@@ -167,7 +167,6 @@ def save_checkpoint(folder: Path, model, optimizer, scaler, state: dict, lora_cf
         old = folder.with_name(folder.name + ".old")
         os.replace(folder, old)
         os.replace(tmp, folder)
-        import shutil
         shutil.rmtree(old)
     else:
         os.replace(tmp, folder)
@@ -211,7 +210,7 @@ def run_source(source: str, args, ctx: Context) -> dict:
         dist.barrier()
     log(f"[{source}] training set: {manifest['kept']} examples, by path {manifest['counts_by_path']}")
 
-    model = Transformer.from_pretrained(ctx.model_folder, "bf16" if args.dtype == "bf16" else "fp32", ctx.device)
+    model = Transformer.from_pretrained(ctx.model_folder, args.dtype, ctx.device)
     pairs = [(r["prompt"], r["response"]) for r in records]
 
     # 2. familiarity: perplexity of the untuned model on exactly these responses
@@ -265,7 +264,6 @@ def run_source(source: str, args, ctx: Context) -> dict:
         if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:
             raise ValueError(f"run folder {run_dir} already exists: pass --resume to continue it, "
                              f"--overwrite to replace it, or --run-name to pick another")
-        import shutil
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
         write_json_atomic(run_dir / "config.json", {
@@ -325,20 +323,13 @@ def run_source(source: str, args, ctx: Context) -> dict:
     # 4. test: in-domain and the other tasks, with the best adapter
     if rank != 0:
         return {}
-    from model import Transformer as _T
-    best = _T.from_pretrained(ctx.model_folder, "bf16" if args.dtype == "bf16" else "fp32", ctx.device)
+    best = Transformer.from_pretrained(ctx.model_folder, args.dtype, ctx.device)
     load_adapter(best, adapter_dir)
     results = {"source": source, "model": args.model, "task": args.task, "run_dir": str(run_dir),
                "train_examples": len(rendered),
                "best_epoch": state["best_epoch"], "val_accuracy": state["best"],
-               "perplexity": {k: ppl[k] for k in ("n", "tokens", "mean_ppl", "pooled_ppl", "median_ppl")},
-               "test": {}}
-    for task in [args.task] + [t for t in args.eval_tasks if t != args.task]:
-        r = evaluate_task(best, tok, task, n=args.n_test, batch_size=args.eval_batch_size,
-                          max_new_tokens=args.max_new_tokens, records_path=run_dir / f"eval-{task}.jsonl",
-                          progress=True)
-        results["test"][task] = {k: r[k] for k in ("accuracy", "ci_low", "ci_high", "n")}
-        log(f"[{source}] test {task}: {r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] (n={r['n']})")
+               "perplexity": {k: ppl[k] for k in ("n", "tokens", "mean_ppl", "pooled_ppl", "median_ppl")}}
+    results["test"] = score_tasks(best, args, ctx, eval_task_list(args), run_dir, source)
     results["base"] = ctx.base
     results["change_from_base"] = {t: results["test"][t]["accuracy"] - ctx.base[t]["accuracy"]
                                    for t in results["test"] if t in ctx.base}
@@ -346,10 +337,30 @@ def run_source(source: str, args, ctx: Context) -> dict:
     return results
 
 
+def eval_task_list(args) -> list[str]:
+    """The training task first, then the other evaluation tasks."""
+    return [args.task] + [t for t in args.eval_tasks if t != args.task]
+
+
+def score_tasks(model, args, ctx: Context, task_names: list[str], folder: Path, label: str) -> dict:
+    """Accuracy with its interval on the first --n-test test questions of each task; every answer
+    is written to folder/eval-<task>.jsonl."""
+    from eval import evaluate_task
+
+    scores = {}
+    for task in task_names:
+        r = evaluate_task(model, ctx.tok, task, n=args.n_test, batch_size=args.eval_batch_size,
+                          max_new_tokens=args.max_new_tokens, records_path=folder / f"eval-{task}.jsonl",
+                          progress=True)
+        scores[task] = {k: r[k] for k in ("accuracy", "ci_low", "ci_high", "n")}
+        print(f"[{label}] test {task}: {r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] (n={r['n']})",
+              flush=True)
+    return scores
+
+
 def evaluate_base(args, ctx: Context) -> dict:
     """The untuned model on the same test questions, once per setting (cached in the runs
     folder): the reference for forgetting."""
-    from eval import evaluate_task
     from model import Transformer
     from sources import write_json_atomic
 
@@ -357,17 +368,10 @@ def evaluate_base(args, ctx: Context) -> dict:
     folder = Path(args.runs_dir) / f"base-{slug}-n{args.n_test}-tok{args.max_new_tokens}-{args.dtype}"
     path = folder / "results.json"
     done = json.loads(path.read_text())["test"] if path.exists() else {}
-    wanted = [args.task] + [t for t in args.eval_tasks if t != args.task]
-    missing = [t for t in wanted if t not in done]
+    missing = [t for t in eval_task_list(args) if t not in done]
     if missing:
-        model = Transformer.from_pretrained(ctx.model_folder, "bf16" if args.dtype == "bf16" else "fp32", ctx.device)
-        for task in missing:
-            r = evaluate_task(model, ctx.tok, task, n=args.n_test, batch_size=args.eval_batch_size,
-                              max_new_tokens=args.max_new_tokens, records_path=folder / f"eval-{task}.jsonl",
-                              progress=True)
-            done[task] = {k: r[k] for k in ("accuracy", "ci_low", "ci_high", "n")}
-            print(f"[base] test {task}: {r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] (n={r['n']})",
-                  flush=True)
+        model = Transformer.from_pretrained(ctx.model_folder, args.dtype, ctx.device)
+        done.update(score_tasks(model, args, ctx, missing, folder, "base"))
         write_json_atomic(path, {"model": args.model, "test": done})
     return done
 
