@@ -116,10 +116,9 @@ def append_records(path: Path, records: list[dict]) -> None:
 
 
 def normalize_question(text: str) -> str:
-    """Text used to match a file's question to a task question: the paper's instruction suffix,
-    case, punctuation spacing and whitespace do not count."""
-    text = re.split(r"please provide the final answer", text, flags=re.I)[0]
-    return re.sub(r"\s+", " ", text).strip().lower()
+    """Text used to match a file's question to a task question: tasks.normalize_question (case
+    and whitespace do not count) after dropping the paper's instruction suffix."""
+    return tasks.normalize_question(re.split(r"please provide the final answer", text, flags=re.I)[0])
 
 
 def read_file_source(path: str) -> list[dict]:
