@@ -44,6 +44,13 @@ ratio of achieved FLOP/s equals the ratio of speeds):
 Achieved FLOP/s are shown as a percentage of the machine's matrix-product peak, measured here:
 the best of a few large square matmuls in the row's dtype.
 
+Random weights (`--random-weights`): the model folder then needs only config.json and the
+tokenizer files; bench.py writes seeded random weights of the config's exact shapes (normal, std
+0.02, like HF's init) to a temporary folder that both implementations load. Speed does not depend
+on the weights' values, so this measures the same work on a machine the real weights cannot reach
+(the lent GPU machine takes at most 64 MiB of files). Outputs (perplexities, generated tokens) are
+then meaningless, and the agreement lines only show that both sides computed the same function.
+
 Run: python bench.py                       (SmolLM2-135M, fp32 and bf16, CPU)
      python bench.py --quick               (a tiny smoke run, ~2 minutes on 2 cores)
      python bench.py --model qwen2.5-coder-0.5b-instruct --device cuda --out bench.json
@@ -201,6 +208,29 @@ def load_work(folder, n: int):
     return tok, rendered, prompts
 
 
+def random_weights_folder(src, dst) -> Path:
+    """Copy config + tokenizer files of `src` into `dst` and add seeded random safetensors weights."""
+    import shutil
+    from safetensors.torch import save_file
+    from model import ModelConfig, Transformer
+
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.suffix == ".json" and not f.name.startswith("model.safetensors"):
+            shutil.copy(f, dst / f.name)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_json(src / "config.json"))
+    state = {}
+    for name, p in model.named_parameters():  # a tied head appears once, as the embedding
+        t = torch.randn(p.shape) * 0.02 if p.dim() > 1 else torch.ones(p.shape)  # norms: 1
+        if name.endswith(".bias"):
+            t = torch.zeros(p.shape)
+        state[name] = t.contiguous()
+    save_file(state, dst / "model.safetensors", metadata={"format": "pt", "source": "bench.py random"})
+    return dst
+
+
 def read_shape(folder) -> dict:
     from model import ModelConfig
     cfg = ModelConfig.from_json(Path(folder) / "config.json")
@@ -256,7 +286,16 @@ def job_ours(spec: dict, folder, tok, rendered, prompts) -> tuple:
         def step():
             nll, _ = response_nll(model, batch)
             return nll.tolist()  # the one sync per batch that example_nlls also makes
-        return model, step, {}
+        extra = {}
+        if device.startswith("cuda"):  # is our attention call eligible for the flash kernel?
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            try:
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # raises if flash cannot run this call
+                    step()
+                extra["sdpa_flash"] = True
+            except RuntimeError:
+                extra["sdpa_flash"] = False
+        return model, step, extra
     if row == "train":
         from lora import inject_lora
         from train import masked_nll_sum
@@ -346,11 +385,9 @@ def job_hf(spec: dict, folder, tok, rendered, prompts) -> tuple:
 
 def run_job(spec: dict) -> dict:
     """Time one row in this process; the result is a JSON-able dict."""
-    from pretrained import resolve_model
-
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
-    folder = resolve_model(spec["model"])
+    folder = spec["folder"]
     tok, rendered, prompts = load_work(folder, spec["n_examples"])
     build = job_ours if spec["impl"] == "ours" else job_hf
     model, step, extra = build(spec, folder, tok, rendered, prompts)
@@ -495,6 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=int, default=3, help="timed iterations; the median is reported")
     s.add_argument("--matmul-n", type=int, default=None,
                    help="side of the square matmul that measures the peak (default 2048 CPU, 8192 CUDA)")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="use seeded random weights of the model's shapes (the folder needs only config.json "
+                         "and tokenizer files): same speed, for machines the real weights cannot reach")
     ap.add_argument("--out", default=None, help="also write the results as JSON here (atomically)")
     ap.add_argument("--worker", default=None, metavar="SPEC",
                     help="internal: run one job described by this JSON file (bench.py starts these itself)")
@@ -517,9 +557,18 @@ def main(argv=None):
         sys.exit("error: batch sizes, --new-tokens and --repeats must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    random_dir = None
     try:
-        from pretrained import resolve_model
-        resolve_model(args.model)  # convert once here, not in every worker
+        if args.random_weights:
+            src = Path(args.model)
+            if not (src / "config.json").is_file():
+                raise FileNotFoundError(f"--random-weights needs a folder with config.json and tokenizer "
+                                        f"files; {src} has no config.json")
+            random_dir = tempfile.TemporaryDirectory(prefix="bench-random-")
+            folder = str(random_weights_folder(src, random_dir.name))
+        else:
+            from pretrained import resolve_model
+            folder = str(resolve_model(args.model))  # convert once here, not in every worker
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 
@@ -531,7 +580,7 @@ def main(argv=None):
           + f" (n={n}, best of 5)", flush=True)
 
     rows = [r for r in args.rows if r != "gen"] + ([f"gen@{b}" for b in args.gen_batch] if "gen" in args.rows else [])
-    base = {"model": args.model, "device": args.device, "threads": args.threads,
+    base = {"model": args.model, "folder": folder, "random_weights": args.random_weights, "device": args.device, "threads": args.threads,
             "n_examples": max(args.ppl_batch, args.train_batch, max(args.gen_batch)),
             "ppl_batch": args.ppl_batch, "train_batch": args.train_batch,
             "new_tokens": args.new_tokens, "warmup": args.warmup, "repeats": args.repeats}
@@ -555,6 +604,12 @@ def main(argv=None):
     mem_method = results[0]["mem_method"] if results else ""
     print("model MB: " + ", ".join(f"{dt} {next(r['model_bytes'] for r in results if r['dtype'] == dt) / 2**20:.0f}"
                                     for dt in args.dtype) + f"; mem = {mem_method}")
+    for r in results:
+        if "sdpa_flash" in r:
+            print(f"ours {r['dtype']} perplexity: attention eligible for SDPA's flash kernel: {r['sdpa_flash']}")
+        if r["impl"] == "hf" and r.get("attn_implementation"):
+            print(f"HF {r['dtype']} {r['row']}: attn_implementation={r['attn_implementation']}")
+            break
     ratios = cross_ratios(results)
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")

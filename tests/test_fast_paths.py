@@ -293,3 +293,92 @@ def test_bf16_perplexity_within_one_percent_of_fp32(smollm2_dir):
     assert 1.0 < b["mean_ppl"] < 20.0  # a real model on real text, not a broken load
     assert abs(a["mean_ppl"] - b["mean_ppl"]) / b["mean_ppl"] < 0.01
     assert abs(a["pooled_ppl"] - b["pooled_ppl"]) / b["pooled_ppl"] < 0.01
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA: the GPU fast paths (flash attention in bf16, the cache and generation on the device).
+# Skipped where torch sees no GPU, which includes CI; run on a lent H100 with
+# `python -m pytest -q tests/test_fast_paths.py -k cuda`.
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def flash_shaped_model(seed=0) -> Transformer:
+    """head_dim 64 (flash needs a multiple of 8), GQA 4 query heads over 2 kv heads."""
+    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      rope_theta=10000.0)
+    torch.manual_seed(seed)
+    m = Transformer(cfg).eval()
+    m.requires_grad_(False)
+    return m
+
+
+@cuda
+@torch.no_grad()
+def test_cuda_flash_bf16_equals_math_path_and_cpu_fp32():
+    """Plain causal attention on CUDA in bf16 must be eligible for the flash kernel (forcing it
+    raises otherwise) and agree with the math path and with fp32 on the CPU."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    cpu = flash_shaped_model()
+    ids = ids_of((3, 50), 21)
+    ref = cpu(ids).float()
+    gpu = flash_shaped_model().to("cuda", torch.bfloat16)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        flash = gpu(ids.cuda()).float().cpu()
+    gpu.attn_impl = "math"
+    math_path = gpu(ids.cuda()).float().cpu()
+    scale = ref.abs().max().item()
+    assert (flash - math_path).abs().max().item() <= 0.02 * scale
+    assert (flash - ref).abs().max().item() <= 0.03 * scale
+    gpu32 = flash_shaped_model().to("cuda")
+    assert (gpu32(ids.cuda()).cpu() - ref).abs().max().item() <= 1e-4
+
+
+@cuda
+@torch.no_grad()
+def test_cuda_perplexity_bf16_within_1pct_of_cpu_fp32():
+    cpu = flash_shaped_model(seed=1)
+    gpu = flash_shaped_model(seed=1).to("cuda", torch.bfloat16)
+    ids = ids_of((4, 40), 22)
+    tgt = torch.zeros_like(ids, dtype=torch.bool)
+    tgt[:, 15:] = True
+    lengths = torch.full((4,), 40)
+    ref, n_ref = response_nll(cpu, Batch(ids, tgt, lengths))
+    got, n_got = response_nll(gpu, Batch(ids, tgt, lengths).to("cuda"))
+    assert n_got.cpu().tolist() == n_ref.tolist()
+    assert ((got.cpu() - ref).abs() / ref).max().item() <= 0.01
+
+
+@cuda
+def test_cuda_generate_batched_equals_alone_and_cpu():
+    """fp32 greedy generation on the GPU (SDPA decode with the cache and padding mask, rows leaving
+    the batch) gives each row's tokens alone and the same tokens as the CPU path."""
+    g = torch.Generator().manual_seed(23)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (9, 3, 14, 6)]
+    gpu = flash_shaped_model(seed=2).to("cuda")
+    batched = generate(gpu, prompts, max_new_tokens=12)
+    assert batched == [generate(gpu, [p], max_new_tokens=12)[0] for p in prompts]
+    assert batched == generate(flash_shaped_model(seed=2), prompts, max_new_tokens=12)
+
+
+@cuda
+def test_cuda_lora_gradients_equal_cpu():
+    from lora import inject_lora
+    from train import masked_nll_sum
+    grads = {}
+    for device in ("cpu", "cuda"):
+        m = flash_shaped_model(seed=3).to(device)
+        inject_lora(m, ["q_proj", "v_proj"], r=4, alpha=8, dropout=0.0, seed=0)
+        g = torch.Generator().manual_seed(1)  # B starts at zero; make it non-zero so A gets gradient
+        for n, p in m.named_parameters():  # drawn on the CPU: the same values on both devices
+            if p.requires_grad and "lora_B" in n:
+                p.data.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        ids = ids_of((2, 30), 24)
+        tgt = torch.zeros_like(ids, dtype=torch.bool)
+        tgt[:, 10:] = True
+        masked_nll_sum(m, Batch(ids, tgt, torch.full((2,), 30)).to(device), None).backward()
+        grads[device] = {n: p.grad.cpu() for n, p in m.named_parameters() if p.requires_grad}
+    assert grads["cpu"].keys() == grads["cuda"].keys() and grads["cpu"]
+    for n, g_cpu in grads["cpu"].items():
+        assert (grads["cuda"][n] - g_cpu).abs().max().item() <= 1e-4 * max(1.0, g_cpu.abs().max().item()), n
