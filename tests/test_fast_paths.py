@@ -5,7 +5,8 @@ Correctness only, never speed (bench.py measures speed). The fast paths checked:
   cache (several new tokens against cached ones) and with a left-padding mask;
 - the one-token CPU decode path (grouped_attention against the cache, no K/V copies per head)
   vs SDPA with explicitly repeated K/V, and generation's cached, left-padded, row-compacting loop
-  vs recomputing each prompt + continuation from scratch;
+  vs recomputing each prompt + continuation from scratch; the CPU's grouped, less padded prefill
+  vs one left-padded call;
 - top-p sampling through the top-256 shortcut vs a full-sort nucleus written here, including a
   nucleus that needs more than 256 tokens;
 - response_nll's head-only-on-supervised-positions (chunked) vs cross entropy on full logits;
@@ -175,6 +176,27 @@ def test_generate_logits_equal_recompute_from_scratch(tiny, monkeypatch):
         tiny.attn_impl = "sdpa"
     # and a row's tokens do not depend on its batch-mates
     assert out == [generate(tiny, [p], max_new_tokens=8, stop_ids=[stop])[0] for p in prompts]
+
+
+@torch.no_grad()
+def test_grouped_prefill_equals_one_padded_call(tiny):
+    """The CPU prefill (sorted groups of 4, each padded to its own longest, keys/values copied into
+    the batch cache) leaves the same cache and last hidden states as one left-padded call."""
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (9, 3, 14, 6, 11, 2, 14)]
+    P = max(len(p) for p in prompts)
+    caches, lasts = [], []
+    for group_size in (4, len(prompts)):
+        cache = KVCache(tiny.cfg, len(prompts), P + 2, "cpu", torch.float32)
+        lasts.append(model_mod.prefill(tiny, prompts, cache, group_size=group_size))
+        assert cache.length == P
+        caches.append(cache)
+    assert (lasts[0] - lasts[1]).abs().max().item() <= 1e-5
+    for b, p in enumerate(prompts):  # real positions only; padding slots are masked out anyway
+        for layer in range(tiny.cfg.num_hidden_layers):
+            for kv in ("k", "v"):
+                a, c = (getattr(x, kv)[layer][b, :, P - len(p):P] for x in caches)
+                assert (a - c).abs().max().item() <= 1e-5
 
 
 # ----------------------------------------------------------------------------------------------
