@@ -4,16 +4,23 @@ Same model folder, same batches of real GSM8K (prompt, answer) pairs (the first 
 questions of `tasks.splits("gsm8k")`, rendered by `data.render`), same dtype, same device, one
 command. Rows:
 
-  ppl       perplexity forward, tokens/s. Ours: `perplexity.response_nll` on a `data.collate`d
-            batch. HF: the same input_ids through `hf(input_ids).logits` + masked cross entropy.
-  train     one LoRA training step (q_proj, v_proj, r 8, alpha 16, dropout 0): forward, backward,
-            AdamW step, zero_grad, tokens/s. Ours: `lora.inject_lora` + `train.masked_nll_sum`.
-            HF: `peft.get_peft_model(LoraConfig(...))`, logits + masked cross entropy. Both keep
-            the adapters in fp32 (ours always, PEFT by its default `autocast_adapter_dtype`).
-  gen@B     greedy generation at batch B (default 1 and 16), generated tokens/s. Ours:
-            `model.generate` with no stop ids; HF: `generate(do_sample=False)` with left padding
-            and min_new_tokens = max_new_tokens. Both therefore produce exactly B * N tokens;
-            the time includes the prompt's prefill.
+  ppl       perplexity forward, tokens/s: the first 32 pairs in length-grouped batches of 16, as
+            `perplexity.example_nlls` batches them. Ours: `perplexity.response_nll` per batch.
+            HF: the same input_ids through `hf(input_ids).logits` + masked cross entropy.
+  train     one LoRA optimiser step (q_proj, v_proj, r 8, alpha 16, dropout 0) over 16 pairs in
+            length-grouped micro-batches of 8, as train.py accumulates them: forward + backward per
+            micro-batch, then AdamW step, zero_grad; tokens/s. Ours: `lora.inject_lora` +
+            `train.masked_nll_sum`. HF: `peft.get_peft_model(LoraConfig(...))`, logits + masked
+            cross entropy. Both keep the adapters in fp32 (ours always, PEFT by its default
+            `autocast_adapter_dtype`).
+  gen@B     greedy generation at batch B (default 1 and 16) of N = 200 new tokens (what sources.py
+            generates), generated tokens/s. Ours: `model.generate` with no stop ids; HF:
+            `generate(do_sample=False)` with left padding and min_new_tokens = max_new_tokens. Both
+            therefore produce exactly B * N tokens; the time includes the prompts' prefill. The
+            prefill is why N matters for the batch-16 / batch-1 ratio: it costs the same per prompt
+            token at any batch size (compute-bound), while a decode step at batch 16 costs little
+            more than at batch 1 (it reads the same weights); at N = 32 the prefill of 16 GSM8K
+            prompts (~2,200 tokens) outweighs the 512 generated tokens.
 
 Timing: `--warmup` untimed iterations, then the median of `--repeats` timed ones, with a device
 synchronisation (CUDA) before the clock starts and stops. Each (implementation, dtype, row) runs in
@@ -231,6 +238,15 @@ def random_weights_folder(src, dst) -> Path:
     return dst
 
 
+def work_batches(rendered, n: int, batch_size: int, pad_id: int) -> list:
+    """The first n pairs in batches of similar length, as perplexity.example_nlls and train.py's
+    micro-batches group them (data.length_buckets), so padding is as small as the product makes it."""
+    from data import collate, length_buckets
+    items = rendered[:n]
+    return [collate([items[i] for i in idx], pad_id)
+            for idx in length_buckets([len(r.ids) for r in items], batch_size)]
+
+
 def read_shape(folder) -> dict:
     from model import ModelConfig
     cfg = ModelConfig.from_json(Path(folder) / "config.json")
@@ -280,12 +296,11 @@ def job_ours(spec: dict, folder, tok, rendered, prompts) -> tuple:
     model = Transformer.from_pretrained(folder, dtype, device)
     if row == "ppl":
         from perplexity import response_nll
-        batch = collate(rendered[:spec["ppl_batch"]], tok.pad_id).to(device)
+        batches = [b.to(device) for b in work_batches(rendered, spec["ppl_examples"], spec["ppl_batch"], tok.pad_id)]
 
         @torch.no_grad()
-        def step():
-            nll, _ = response_nll(model, batch)
-            return nll.tolist()  # the one sync per batch that example_nlls also makes
+        def step():  # .tolist(): the one sync per batch that example_nlls also makes
+            return [x for b in batches for x in response_nll(model, b)[0].tolist()]
         extra = {}
         if device.startswith("cuda"):  # is our attention call eligible for the flash kernel?
             from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -301,16 +316,19 @@ def job_ours(spec: dict, folder, tok, rendered, prompts) -> tuple:
         from train import masked_nll_sum
         inject_lora(model, ["q_proj", "v_proj"], r=8, alpha=16, dropout=0.0, seed=0)
         model.train()
-        batch = collate(rendered[:spec["train_batch"]], tok.pad_id).to(device)
-        n_tok = float(batch.target_mask.sum())
+        micro = [b.to(device) for b in work_batches(rendered, spec["train_batch"], spec["micro_batch"], tok.pad_id)]
+        n_tok = float(sum(b.target_mask.sum() for b in micro))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
-        def step():
-            loss = masked_nll_sum(model, batch, None) / n_tok
-            loss.backward()
+        def step():  # one optimiser step, gradients accumulated over the micro-batches
+            total = 0.0
+            for b in micro:
+                loss = masked_nll_sum(model, b, None) / n_tok
+                loss.backward()
+                total += loss.item()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            return loss.item()
+            return total
         return model, step, {}
     B = int(row.split("@")[1])
 
@@ -337,11 +355,11 @@ def job_hf(spec: dict, folder, tok, rendered, prompts) -> tuple:
 
     extra = {"attn_implementation": getattr(hf.config, "_attn_implementation", None)}
     if row == "ppl":
-        batch = collate(rendered[:spec["ppl_batch"]], tok.pad_id).to(device)
+        batches = [b.to(device) for b in work_batches(rendered, spec["ppl_examples"], spec["ppl_batch"], tok.pad_id)]
 
         @torch.no_grad()
         def step():
-            return masked_nll(hf, batch).tolist()
+            return [x for b in batches for x in masked_nll(hf, b).tolist()]
         return hf, step, extra
     if row == "train":
         try:
@@ -352,17 +370,20 @@ def job_hf(spec: dict, folder, tok, rendered, prompts) -> tuple:
         pm = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                            target_modules=["q_proj", "v_proj"]))
         pm.train()
-        batch = collate(rendered[:spec["train_batch"]], tok.pad_id).to(device)
-        n_tok = float(batch.target_mask.sum())
+        micro = [b.to(device) for b in work_batches(rendered, spec["train_batch"], spec["micro_batch"], tok.pad_id)]
+        n_tok = float(sum(b.target_mask.sum() for b in micro))
         opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
         extra["lora_dtype"] = str(next(p.dtype for n, p in pm.named_parameters() if "lora_A" in n))
 
         def step():
-            loss = masked_nll(pm, batch).sum() / n_tok
-            loss.backward()
+            total = 0.0
+            for b in micro:
+                loss = masked_nll(pm, b).sum() / n_tok
+                loss.backward()
+                total += loss.item()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            return loss.item()
+            return total
         return pm, step, extra
     B = int(row.split("@")[1])
     P = max(len(p) for p in prompts[:B])
@@ -410,7 +431,7 @@ def run_job(spec: dict) -> dict:
     output = first[0]
     s = read_shape(folder)
     if row in ("ppl", "train"):
-        items = rendered[:spec["ppl_batch" if row == "ppl" else "train_batch"]]
+        items = rendered[:spec["ppl_examples" if row == "ppl" else "train_batch"]]
         lengths = [len(r.ids) for r in items]
         targets = sum(sum(r.mask[1:]) for r in items)  # collate never targets token 0
         tokens = sum(lengths)
@@ -524,10 +545,14 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--quick", action="store_true",
                    help="tiny smoke run: small batches, 4 new tokens, no warm-up, 1 repeat")
     s = ap.add_argument_group("sizes")
-    s.add_argument("--ppl-batch", type=int, default=8, help="GSM8K examples in the perplexity batch")
-    s.add_argument("--train-batch", type=int, default=4, help="GSM8K examples in the training batch")
+    s.add_argument("--ppl-examples", type=int, default=32, help="GSM8K pairs scored per perplexity iteration")
+    s.add_argument("--ppl-batch", type=int, default=16, help="pairs per forward, grouped by length (perplexity.py's default)")
+    s.add_argument("--train-batch", type=int, default=16, help="GSM8K pairs per optimiser step (train.py's --batch-size)")
+    s.add_argument("--micro-batch", type=int, default=8, help="pairs per forward/backward, grouped by length "
+                                                              "(train.py's default --micro-batch)")
     s.add_argument("--gen-batch", type=int, nargs="+", default=[1, 16], help="generation batch sizes")
-    s.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt (forced on both sides)")
+    s.add_argument("--new-tokens", type=int, default=200,
+                   help="tokens generated per prompt, forced on both sides (default: sources.py's response length)")
     s.add_argument("--warmup", type=int, default=1, help="untimed iterations before timing")
     s.add_argument("--repeats", type=int, default=3, help="timed iterations; the median is reported")
     s.add_argument("--matmul-n", type=int, default=None,
@@ -547,13 +572,14 @@ def main(argv=None):
     if args.worker:
         return worker_main(args.worker)
     if args.quick:  # smaller defaults; sizes given explicitly on the command line still win
-        parser.set_defaults(ppl_batch=2, train_batch=1, new_tokens=4, gen_batch=[1, 4], warmup=0, repeats=1)
+        parser.set_defaults(ppl_examples=2, ppl_batch=2, train_batch=2, micro_batch=1, new_tokens=4, gen_batch=[1, 4], warmup=0, repeats=1)
         args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("error: --device cuda but torch sees no CUDA device; use --device cpu")
     if args.device != "cpu" and not args.device.startswith("cuda"):
         sys.exit(f"error: unsupported --device {args.device!r}: use cpu or cuda")
-    if min(args.ppl_batch, args.train_batch, min(args.gen_batch), args.new_tokens, args.repeats) < 1:
+    if min(args.ppl_examples, args.ppl_batch, args.train_batch, args.micro_batch, min(args.gen_batch),
+           args.new_tokens, args.repeats) < 1:
         sys.exit("error: batch sizes, --new-tokens and --repeats must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -581,8 +607,9 @@ def main(argv=None):
 
     rows = [r for r in args.rows if r != "gen"] + ([f"gen@{b}" for b in args.gen_batch] if "gen" in args.rows else [])
     base = {"model": args.model, "folder": folder, "random_weights": args.random_weights, "device": args.device, "threads": args.threads,
-            "n_examples": max(args.ppl_batch, args.train_batch, max(args.gen_batch)),
-            "ppl_batch": args.ppl_batch, "train_batch": args.train_batch,
+            "n_examples": max(args.ppl_examples, args.train_batch, max(args.gen_batch)),
+            "ppl_examples": args.ppl_examples, "ppl_batch": args.ppl_batch,
+            "train_batch": args.train_batch, "micro_batch": args.micro_batch,
             "new_tokens": args.new_tokens, "warmup": args.warmup, "repeats": args.repeats}
     results, checks = [], {}
     for row in rows:
