@@ -165,11 +165,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # Normalise in fp32 like HF (bf16 variance is too coarse), cast back before the scale.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # x * rsqrt(mean(x^2) + eps), in fp32 like HF (bf16 variance is too coarse), cast back
+        # before the scale. F.rms_norm is that formula as one call (fewer small ops per token).
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -194,8 +192,9 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """cos/sin tables for integer positions (B, T), computed in fp32 as HF does -> (B, T, head_dim)."""
-    freqs = positions[..., None].float() * inv_freq.float()  # (B, T, head_dim/2)
+    """cos/sin tables for integer positions (B, T), computed in fp32 as HF does -> (B, 1, T, head_dim),
+    the 1 broadcasting over heads (made once per forward, used by every layer)."""
+    freqs = positions[:, None, :, None].float() * inv_freq.float()  # (B, 1, T, head_dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # half-split layout: pair i is (i, i + head_dim/2)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -206,8 +205,8 @@ def rotate_half(x):
 
 
 def apply_rope(x, cos, sin):
-    # x: (B, n_head, T, head_dim); cos, sin: (B, T, head_dim)
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+    # x: (B, n_head, T, head_dim); cos, sin: (B, 1, T, head_dim)
+    return x * cos + rotate_half(x) * sin
 
 
 class KVCache:
@@ -222,6 +221,7 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.length = 0
         self.max_len = max_len
+        self.read_len = 0  # update() returns at least this many positions (see hidden_states)
 
     def put_row(self, row: int, end: int, other: "KVCache", other_row: int):
         """Copy the filled positions of `other`'s row `other_row` to the positions that end at
@@ -244,7 +244,8 @@ class KVCache:
             raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        n = max(end, self.read_len)
+        return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
 
 
 def grouped_attention(q, k, v, mask):
@@ -260,8 +261,9 @@ def grouped_attention(q, k, v, mask):
     if mask is None:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
     scores = (q.reshape(B, n_kv, g * T, hd) @ k.transpose(-2, -1)) / math.sqrt(hd)  # (B, n_kv, g*T, S)
-    mask = mask[:, :, None].expand(mask.shape[0], 1, g, T, S).reshape(mask.shape[0], 1, g * T, S)
-    probs = scores.float().masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
+    if T > 1:  # the mask's T query rows, once per stacked head (one decoded token: broadcasts)
+        mask = mask[:, :, None].expand(mask.shape[0], 1, g, T, S).reshape(mask.shape[0], 1, g * T, S)
+    probs = torch.where(mask, scores.float(), float("-inf")).softmax(-1).to(v.dtype)
     return (probs @ v).reshape(B, H, T, hd)  # (B, n_kv, g*T, hd) -> (B, n_head, T, hd)
 
 
@@ -364,6 +366,17 @@ class Transformer(nn.Module):
             positions = torch.arange(past, S, device=input_ids.device).expand(B, T)
         if mask is None and past > 0:  # decoding against a cache: causal on absolute positions
             mask = torch.ones(T, S, dtype=torch.bool, device=input_ids.device).tril(past)[None, None]
+        if cache is not None:
+            cache.read_len = 0
+            if T == 1 and input_ids.device.type == "cpu":
+                # CPU decoding: oneDNN builds, and keeps (~1 MB each), a new bf16 matmul kernel for
+                # every new key count, which costs ~2 ms per decoding step and grows memory by
+                # 1 MB per token. Reading the cache in blocks of 64 positions reuses a few kernels;
+                # the extra, never-written positions are masked out.
+                cache.read_len = min(cache.max_len, -(-S // 64) * 64)
+                if mask is None:  # a one-token prompt: it sees itself
+                    mask = torch.ones(1, 1, 1, S, dtype=torch.bool, device=input_ids.device)
+                mask = F.pad(mask, (0, cache.read_len - S), value=False)  # (B|1, 1, 1, read_len)
         x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         for layer in self.model.layers:
