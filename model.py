@@ -165,9 +165,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # x * rsqrt(mean(x^2) + eps), in fp32 like HF (bf16 variance is too coarse), cast back
-        # before the scale. F.rms_norm is that formula as one call (fewer small ops per token).
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        # Normalise in fp32 like HF (bf16 variance is too coarse), cast back before the scale.
+        # (F.rms_norm computes the same in one call, but its backward is slower on CPU.)
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
