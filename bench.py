@@ -288,8 +288,27 @@ def row_flops(row: str, s: dict, lengths: list[int], targets: int, new_tokens: i
 # One job: one implementation, one dtype, one row, in this (fresh) process
 
 
+def optimiser_step(model, nll_sum, spec: dict, rendered, pad_id: int):
+    """The training row's work for either implementation: one AdamW step over `train_batch` pairs,
+    gradients accumulated over length-grouped micro-batches, each micro-batch's summed NLL
+    (`nll_sum(batch)`) divided by the step's token count, as train.py does."""
+    micro = [b.to(spec["device"]) for b in work_batches(rendered, spec["train_batch"], spec["micro_batch"], pad_id)]
+    n_tok = float(sum(b.target_mask.sum() for b in micro))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        total = 0.0
+        for b in micro:
+            loss = nll_sum(b) / n_tok
+            loss.backward()
+            total += loss.item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return total
+    return step
+
+
 def job_ours(spec: dict, folder, tok, rendered, prompts) -> tuple:
-    from data import collate
     from model import Transformer, generate
 
     device, dtype, row = spec["device"], spec["dtype"], spec["row"]
@@ -316,19 +335,7 @@ def job_ours(spec: dict, folder, tok, rendered, prompts) -> tuple:
         from train import masked_nll_sum
         inject_lora(model, ["q_proj", "v_proj"], r=8, alpha=16, dropout=0.0, seed=0)
         model.train()
-        micro = [b.to(device) for b in work_batches(rendered, spec["train_batch"], spec["micro_batch"], tok.pad_id)]
-        n_tok = float(sum(b.target_mask.sum() for b in micro))
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-        def step():  # one optimiser step, gradients accumulated over the micro-batches
-            total = 0.0
-            for b in micro:
-                loss = masked_nll_sum(model, b, None) / n_tok
-                loss.backward()
-                total += loss.item()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return total
+        step = optimiser_step(model, lambda b: masked_nll_sum(model, b, None), spec, rendered, tok.pad_id)
         return model, step, {}
     B = int(row.split("@")[1])
 
@@ -342,7 +349,6 @@ def job_hf(spec: dict, folder, tok, rendered, prompts) -> tuple:
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise SystemExit("error: the HF side needs transformers and peft: pip install -r requirements-dev.txt")
-    from data import collate
 
     device, dtype, row = spec["device"], DTYPES[spec["dtype"]], spec["row"]
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
@@ -370,20 +376,8 @@ def job_hf(spec: dict, folder, tok, rendered, prompts) -> tuple:
         pm = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                            target_modules=["q_proj", "v_proj"]))
         pm.train()
-        micro = [b.to(device) for b in work_batches(rendered, spec["train_batch"], spec["micro_batch"], tok.pad_id)]
-        n_tok = float(sum(b.target_mask.sum() for b in micro))
-        opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
         extra["lora_dtype"] = str(next(p.dtype for n, p in pm.named_parameters() if "lora_A" in n))
-
-        def step():
-            total = 0.0
-            for b in micro:
-                loss = masked_nll(pm, b).sum() / n_tok
-                loss.backward()
-                total += loss.item()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return total
+        step = optimiser_step(pm, lambda b: masked_nll(pm, b).sum(), spec, rendered, tok.pad_id)
         return pm, step, extra
     B = int(row.split("@")[1])
     P = max(len(p) for p in prompts[:B])

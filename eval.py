@@ -807,11 +807,10 @@ def evaluate_cli(args) -> None:
             print(f"{task}: accuracy {r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] (n={r['n']}){extra}")
     except (ModelLoadError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    if args.out:  # always set (see above)
-        from sources import write_json_atomic
-        write_json_atomic(Path(args.out) / "results.json",
-                          {"model": args.model, "adapter": args.adapter, "test": results})
-        print(f"records and results in {args.out}")
+    from sources import write_json_atomic
+    write_json_atomic(Path(args.out) / "results.json",  # args.out is always set (see above)
+                      {"model": args.model, "adapter": args.adapter, "test": results})
+    print(f"records and results in {args.out}")
 
 
 def main(argv=None) -> None:
