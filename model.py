@@ -10,6 +10,8 @@ Deviations from HF transformers, all deliberate:
 - One class for all three architectures; the differences are config fields (bias, tied head).
 - Attention goes through `scaled_dot_product_attention`; `attn_impl="math"` is the textbook
   softmax(QK^T/sqrt(d))V path that a test uses to check it.
+- The linear layers are `Linear`, an nn.Linear whose few-row fp32 CPU products (decoding steps)
+  run as W @ x^T, which this CPU's BLAS does faster; same weights, same state-dict keys.
 - Mistral's sliding window is not implemented: a sequence longer than the window fails loudly
   instead of silently attending too far (every sequence in this project is far shorter).
 - Generation is our own small loop (greedy, or temperature + top-p from an explicit seeded
@@ -173,6 +175,29 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+class Linear(nn.Linear):
+    """nn.Linear with one CPU fast path: an fp32 product of a few rows computed as (W @ x^T)^T.
+
+    A decoding step multiplies one row per sequence by every weight matrix. For 2 to 64 fp32 rows,
+    this machine's CPU BLAS runs the transposed product W @ x^T faster than x @ W^T: the same sums
+    in another order (tests/test_fast_paths.py compares the two), and batched fp32 generation
+    gains 16% at batch 16 and 50% at batch 4 (measured back to back, SmolLM2-135M). In bf16 the
+    transposed product is level at 16 rows and 14% slower at 4, and one row or many (prompts,
+    training) are level in either dtype, so everything else takes F.linear.
+    """
+
+    few_rows = (2, 64)
+
+    def forward(self, x):
+        rows = x.numel() // x.shape[-1]
+        lo, hi = self.few_rows
+        if x.device.type != "cpu" or x.dtype != torch.float32 or not lo <= rows <= hi:
+            return F.linear(x, self.weight, self.bias)
+        y = (self.weight @ x.reshape(rows, -1).T).T  # (out, rows) -> (rows, out), a transposed view
+        y = y.reshape(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies for the head_dim/2 rotary pairs, with Llama-3 or linear scaling."""
     d = cfg.head_dim
@@ -275,10 +300,10 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
         self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.hd, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=cfg.o_proj_bias)
+        self.q_proj = Linear(cfg.hidden_size, self.n_head * self.hd, bias=cfg.attention_bias)
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.attention_bias)
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.n_head * self.hd, cfg.hidden_size, bias=cfg.o_proj_bias)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, attn_impl: str):
         B, T, _ = x.shape
@@ -306,9 +331,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -346,7 +371,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)

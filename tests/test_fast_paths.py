@@ -7,6 +7,8 @@ Correctness only, never speed (bench.py measures speed). The fast paths checked:
   vs SDPA with explicitly repeated K/V, and generation's cached, left-padded, row-compacting loop
   vs recomputing each prompt + continuation from scratch; the CPU's grouped, less padded prefill
   vs one left-padded call;
+- model.Linear's transposed product for a few fp32 rows (W @ x^T) vs F.linear, alone and through
+  a whole batched generation;
 - top-p sampling through the top-256 shortcut vs a full-sort nucleus written here, including a
   nucleus that needs more than 256 tokens;
 - response_nll's head-only-on-supervised-positions (chunked) vs cross entropy on full logits;
@@ -197,6 +199,42 @@ def test_grouped_prefill_equals_one_padded_call(tiny):
             for kv in ("k", "v"):
                 a, c = (getattr(x, kv)[layer][b, :, P - len(p):P] for x in caches)
                 assert (a - c).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("rows", [1, 2, 16, 64, 65])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_few_rows_equals_f_linear(rows, bias):
+    """(W @ x^T)^T for 2..64 fp32 rows on CPU is x @ W^T + b up to float rounding; 1 row and 65
+    rows (outside the range) take F.linear itself, so they must match bit for bit."""
+    torch.manual_seed(rows)
+    layer = model_mod.Linear(96, 160, bias=bias)
+    if bias:
+        torch.nn.init.normal_(layer.bias)
+    x = torch.randn(rows, 1, 96)  # a decoding step's shape: (B, 1, in)
+    out, ref = layer(x), F.linear(x, layer.weight, layer.bias)
+    assert out.shape == ref.shape == (rows, 1, 160)
+    if 2 <= rows <= 64:
+        assert (out - ref).abs().max().item() <= 1e-5
+    else:
+        assert torch.equal(out, ref)
+
+
+def test_linear_few_rows_path_is_fp32_cpu_only():
+    """bf16 products never take the transposed path (it is slower there): bit-equal to F.linear."""
+    layer = model_mod.Linear(96, 160, bias=True).to(torch.bfloat16)
+    x = torch.randn(16, 1, 96, dtype=torch.bfloat16)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_generate_batched_same_tokens_with_and_without_few_rows_path(tiny, monkeypatch):
+    """A batch of 6 prompts decoded greedily: the few-rows path changes only rounding, so the
+    greedy tokens are those of plain F.linear everywhere."""
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (5, 9, 2, 7, 12, 4)]
+    fast = generate(tiny, prompts, max_new_tokens=12)
+    monkeypatch.setattr(model_mod.Linear, "few_rows", (10**9, 0))  # an empty range: F.linear always
+    plain = generate(tiny, prompts, max_new_tokens=12)
+    assert fast == plain and all(len(o) == 12 for o in fast)
 
 
 # ----------------------------------------------------------------------------------------------
