@@ -295,7 +295,35 @@ def grouped_attention(q, k, v, mask):
     return (probs @ v).reshape(B, H, T, hd)  # (B, n_kv, g*T, hd) -> (B, n_head, T, hd)
 
 
+def block_causal_attention(q, k, v, block: int = 128):
+    """Causal softmax(q k^T / sqrt(head_dim)) v, the queries taken `block` rows at a time.
+
+    q: (B, n_head, T, hd); k, v: (B, n_kv, T, hd) -> (B, n_head, T, hd). Query rows [i0, i1) can
+    only see keys [0, i1), so each block multiplies against those keys alone: less work than the
+    full T x T product (63% of it at T = 447), and each block's scores (B x n_head x 128 x T at
+    most) stay small. The mask is still needed inside the diagonal block.
+    The path of bf16 training on CPU, where SDPA's kernel has a slow backward (a bf16 LoRA step
+    spent ~30% of its time there): this one is ~25% faster forward + backward at GSM8K lengths and
+    the whole step ~6% (measured back to back). In fp32 the step was ~3% slower, and without
+    gradients SDPA's forward is as fast, so everything else keeps SDPA.
+    """
+    B, H, T, hd = q.shape
+    n_kv = k.shape[1]
+    qg = q.view(B, n_kv, H // n_kv, T, hd)  # query head h uses kv head h // groups (HF's order)
+    k, v = k[:, :, None], v[:, :, None]  # (B, n_kv, 1, T, hd): broadcast over the group
+    out = []
+    for i0 in range(0, T, block):
+        i1 = min(T, i0 + block)
+        scores = (qg[:, :, :, i0:i1] @ k[..., :i1, :].transpose(-2, -1)) / math.sqrt(hd)  # (B, n_kv, g, i1-i0, i1)
+        sees = torch.ones(i1 - i0, i1, dtype=torch.bool, device=q.device).tril(i0)  # query i0+r sees keys <= i0+r
+        probs = torch.where(sees, scores.float(), float("-inf")).softmax(-1).to(v.dtype)
+        out.append(probs @ v[..., :i1, :])  # (B, n_kv, g, i1-i0, hd)
+    return torch.cat(out, dim=3).view(B, H, T, hd)
+
+
 class Attention(nn.Module):
+    cpu_bf16_training_blocks = True  # False: SDPA there too (tests compare the two)
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
@@ -314,7 +342,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, S, hd), S = cached + T
         # Grouped-query attention: each kv head serves n_head / n_kv query heads, without copies.
-        if attn_impl == "sdpa" and not (T == 1 and x.device.type == "cpu"):
+        if (attn_impl == "sdpa" and self.cpu_bf16_training_blocks and mask is None and cache is None
+                and x.device.type == "cpu" and x.dtype == torch.bfloat16 and torch.is_grad_enabled()):
+            y = block_causal_attention(q, k, v)  # bf16 training on CPU: see block_causal_attention
+        elif attn_impl == "sdpa" and not (T == 1 and x.device.type == "cpu"):
             # mask None = plain causal attention over the whole sequence: the flash path
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=self.n_kv != self.n_head)
