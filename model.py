@@ -12,6 +12,8 @@ Deviations from HF transformers, all deliberate:
   softmax(QK^T/sqrt(d))V path that a test uses to check it.
 - The linear layers are `Linear`, an nn.Linear whose few-row fp32 CPU products (decoding steps)
   run as W @ x^T, which this CPU's BLAS does faster; same weights, same state-dict keys.
+- Training and scoring drop the right padding before the first layer (`Packing`): the layers run
+  on the real tokens only, and attention alone scatters them back onto the (B, T) grid.
 - Mistral's sliding window is not implemented: a sequence longer than the window fails loudly
   instead of silently attending too far (every sequence in this project is far shorter).
 - Generation is our own small loop (greedy, or temperature + top-p from an explicit seeded
@@ -295,6 +297,28 @@ def grouped_attention(q, k, v, mask):
     return (probs @ v).reshape(B, H, T, hd)  # (B, n_kv, g*T, hd) -> (B, n_head, T, hd)
 
 
+class Packing:
+    """The real tokens of a right-padded (B, T) batch, one after another: (N, w) <-> (B, T, w).
+
+    Training and scoring batches are right-padded to their longest row; GSM8K rows of one
+    micro-batch differ by up to 2x in length, so ~20% of a padded batch is padding. Everything in
+    a layer except attention treats tokens one by one, so the layers run on the N real tokens
+    alone and only attention, which needs the (B, T) grid, scatters them back into it.
+    """
+
+    def __init__(self, real: torch.Tensor):
+        self.B, self.T = real.shape  # real: (B, T) bool, True at real tokens
+        self.index = real.flatten().nonzero()[:, 0]  # (N,) their flat positions in B * T
+
+    def pad(self, x):
+        """(N, w) -> (B, T, w), zeros at the padding."""
+        return x.new_zeros(self.B * self.T, x.shape[-1]).index_copy(0, self.index, x).view(self.B, self.T, -1)
+
+    def unpad(self, x):
+        """(B, T, w) -> (N, w)."""
+        return x.reshape(self.B * self.T, -1).index_select(0, self.index)
+
+
 def block_causal_attention(q, k, v, block: int = 128):
     """Causal softmax(q k^T / sqrt(head_dim)) v, the queries taken `block` rows at a time.
 
@@ -333,11 +357,14 @@ class Attention(nn.Module):
         self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.attention_bias)
         self.o_proj = Linear(self.n_head * self.hd, cfg.hidden_size, bias=cfg.o_proj_bias)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, attn_impl: str):
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, n_head, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, attn_impl: str, packing: Packing | None = None):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, width), or (N, width) packed
+        if packing is not None:  # back onto the (B, T) grid that attention needs
+            q, k, v = packing.pad(q), packing.pad(k), packing.pad(v)
+        B, T, _ = q.shape
+        q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, n_head, T, hd)
+        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, S, hd), S = cached + T
@@ -354,6 +381,8 @@ class Attention(nn.Module):
             # than SDPA's CPU kernel (two small matmuls against the cache).
             y = grouped_attention(q, k, v, mask)  # (B, n_head, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)  # (B, T, hidden)
+        if packing is not None:
+            y = packing.unpad(y)  # (N, hidden)
         return self.o_proj(y)
 
 
@@ -378,8 +407,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache, attn_impl):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, attn_impl)
+    def forward(self, x, cos, sin, mask, cache, attn_impl, packing=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, attn_impl, packing)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -408,12 +437,16 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.attn_impl = "sdpa"  # or "math"
 
-    def hidden_states(self, input_ids, positions=None, mask=None, cache: KVCache | None = None):
+    def hidden_states(self, input_ids, positions=None, mask=None, cache: KVCache | None = None,
+                      lengths=None):
         """Final-norm hidden states (B, T, hidden).
 
         positions: (B, T) rotary positions, default 0..T-1 after whatever the cache holds.
         mask: bool (B, 1, T, S) with True where a query may attend a key; None = causal over the
               sequence, which is exact for right padding (real tokens never look right).
+        lengths: (B,) real tokens per right-padded row (training, scoring; no cache or mask): the
+              padding is dropped (see Packing) and the result is packed, (N, hidden), the rows'
+              real tokens one after another.
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -436,10 +469,17 @@ class Transformer(nn.Module):
                 if mask is None:  # a one-token prompt: it sees itself
                     mask = torch.ones(1, 1, 1, S, dtype=torch.bool, device=input_ids.device)
                 mask = F.pad(mask, (0, cache.read_len - S), value=False)  # (B|1, 1, 1, read_len)
-        x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        packing = None
+        if lengths is not None:
+            if cache is not None or mask is not None:
+                raise ValueError("lengths (packed right-padded rows) cannot be combined with a cache or a mask")
+            real = torch.arange(T, device=input_ids.device)[None] < lengths[:, None]  # (B, T)
+            packing = Packing(real)
+            input_ids = input_ids[real]  # (N,)
+        x = self.model.embed_tokens(input_ids)  # (B, T, hidden), or (N, hidden) packed
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # on the (B, T) grid
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache, self.attn_impl)
+            x = layer(x, cos, sin, mask, cache, self.attn_impl, packing)
         if cache is not None:
             cache.length = S
         return self.model.norm(x)

@@ -13,7 +13,8 @@ Correctness only, never speed (bench.py measures speed). The fast paths checked:
   a whole batched generation;
 - top-p sampling through the top-256 shortcut vs a full-sort nucleus written here, including a
   nucleus that needs more than 256 tokens;
-- response_nll's head-only-on-supervised-positions (chunked) vs cross entropy on full logits;
+- response_nll's head-only-on-supervised-positions (chunked, padding dropped) vs cross entropy on
+  full padded logits; packed hidden states and LoRA gradients (model.Packing) vs the padded batch;
 - bf16 perplexity vs fp32 on the real SmolLM2-135M and real GSM8K pairs (within 1%).
 """
 
@@ -379,6 +380,38 @@ def test_response_nll_equals_masked_full_cross_entropy(chunk):
     ref = (ce * target[:, 1:]).sum(1)
     assert torch.equal(count, target[:, 1:].sum(1))
     assert (nll - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_rows_equal_padded_batch(dtype):
+    """hidden_states(lengths=...) runs the layers on the real tokens only: its rows equal the
+    padded forward's real positions, and a LoRA loss's gradients are the same either way."""
+    from lora import inject_lora
+    m = tiny_model(n_kv=2, seed=2).to(dtype)
+    inject_lora(m, ["q_proj", "v_proj"], r=4, alpha=8, dropout=0.0, seed=0)
+    for name, p in m.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    lengths = torch.tensor([9, 23, 4, 17])
+    ids = ids_of((4, 23), 11)
+    real = torch.arange(23)[None] < lengths[:, None]
+    ids[~real] = 0
+    weights = torch.randn(int(real.sum()), m.cfg.hidden_size, generator=torch.Generator().manual_seed(0)).to(dtype)
+    out, grads = [], []
+    for packed in (True, False):
+        m.zero_grad()
+        h = m.hidden_states(ids, lengths=lengths) if packed else m.hidden_states(ids)[real]  # (N, hidden)
+        (h.float() * weights.float()).sum().backward()
+        out.append(h.detach().float())
+        grads.append({n: p.grad.float().clone() for n, p in m.named_parameters() if p.requires_grad})
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert out[0].shape == (int(lengths.sum()), m.cfg.hidden_size)
+    assert (out[0] - out[1]).abs().max().item() <= tol * out[1].abs().max().item()
+    for n in grads[0]:
+        scale = grads[1][n].abs().max().item()
+        assert scale > 0 and (grads[0][n] - grads[1][n]).abs().max().item() <= tol * scale, n
+    with pytest.raises(ValueError, match="cannot be combined"):
+        m.hidden_states(ids, mask=torch.ones(4, 1, 23, 23, dtype=torch.bool), lengths=lengths)
 
 
 # ----------------------------------------------------------------------------------------------
