@@ -9,6 +9,7 @@ Correctness only, never speed (bench.py measures speed). The fast paths checked:
   vs one left-padded call;
 - block_causal_attention (bf16 CPU training) vs the textbook path, values and gradients, and a
   bf16 LoRA step's gradients with it vs with SDPA;
+- bf16 CPU decoding reading the whole KV cache vs in blocks of 64 positions (same tokens);
 - model.Linear's transposed product for a few fp32 rows (W @ x^T) vs F.linear, alone and through
   a whole batched generation;
 - top-p sampling through the top-256 shortcut vs a full-sort nucleus written here, including a
@@ -249,6 +250,34 @@ def test_bf16_lora_step_block_attention_equals_sdpa(monkeypatch):
     for n in ga:
         scale = gb[n].abs().max().item()
         assert scale > 0 and (ga[n] - gb[n]).abs().max().item() <= 0.05 * scale, n
+
+
+def test_bf16_decoding_whole_cache_reads_equal_block_reads():
+    """bf16 CPU decoding reads the whole preallocated cache (masked); reading it in blocks of 64
+    positions instead gives the same greedy tokens, the masked positions contributing nothing."""
+    m = tiny_model(n_kv=2, seed=4).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (3, 70, 12, 1)]
+    reads = []
+    real_update = KVCache.update
+
+    def spy(self, layer, k, v):
+        out = real_update(self, layer, k, v)
+        reads.append(out[0].shape[2])
+        return out
+    outs = []
+    for whole in (True, False):
+        m.whole_cache_reads_bf16 = whole
+        reads.clear()
+        KVCache.update = spy
+        try:
+            outs.append(generate(m, prompts, max_new_tokens=20))
+        finally:
+            KVCache.update = real_update
+        max_len = 70 + 20
+        one_token_reads = reads[m.cfg.num_hidden_layers:]  # after the prefill
+        assert all(r == max_len for r in one_token_reads) if whole else all(r % 64 == 0 or r == max_len for r in one_token_reads)
+    assert outs[0] == outs[1] and all(len(o) == 20 for o in outs[0])
 
 
 @pytest.mark.parametrize("rows", [1, 2, 16, 64, 65])
