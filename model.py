@@ -447,7 +447,7 @@ class Transformer(nn.Module):
               sequence, which is exact for right padding (real tokens never look right).
         lengths: (B,) real tokens per right-padded row (training, scoring; no cache or mask): the
               padding is dropped (see Packing) and the result is packed, (N, hidden), the rows'
-              real tokens one after another.
+              real tokens one after another (a batch without padding is just flattened).
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -481,15 +481,17 @@ class Transformer(nn.Module):
             if cache is not None or mask is not None:
                 raise ValueError("lengths (packed right-padded rows) cannot be combined with a cache or a mask")
             real = torch.arange(T, device=input_ids.device)[None] < lengths[:, None]  # (B, T)
-            packing = Packing(real)
-            input_ids = input_ids[real]  # (N,)
+            if not bool(real.all()):  # with no padding, the grid is already all real tokens
+                packing = Packing(real)
+                input_ids = input_ids[real]  # (N,)
         x = self.model.embed_tokens(input_ids)  # (B, T, hidden), or (N, hidden) packed
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # on the (B, T) grid
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache, self.attn_impl, packing)
         if cache is not None:
             cache.length = S
-        return self.model.norm(x)
+        h = self.model.norm(x)
+        return h if lengths is None else h.reshape(-1, h.shape[-1])  # packed: (N, hidden)
 
     def forward(self, input_ids, positions=None, mask=None, cache=None):
         """Logits (B, T, vocab)."""

@@ -58,15 +58,12 @@ def response_nll(model, batch: Batch, chunk_tokens: int | None = None):
     ids, tgt = batch.input_ids, batch.target_mask  # (B, T) each
     chunk_tokens = chunk_tokens or head_chunk_rows(ids.device)
     pred_mask = tgt[:, 1:]  # (B, T-1): position t predicts token t+1
-    if bool((batch.lengths == ids.shape[1]).all()):  # no padding: nothing to drop
-        hs = model.hidden_states(ids)[:, :-1][pred_mask]  # (N, hidden)
-    else:
-        # The padding never goes through the layers (model.Packing): h holds the real positions
-        # only, row after row, and `predicts` marks which of them predict a target.
-        h = model.hidden_states(ids, lengths=batch.lengths)  # (real tokens, hidden)
-        real = torch.arange(ids.shape[1], device=ids.device)[None] < batch.lengths[:, None]  # (B, T)
-        predicts = F.pad(pred_mask, (0, 1))  # (B, T): position t predicts a target
-        hs = h[predicts[real]]  # (N, hidden), in the same row-major order as pred_mask
+    # The padding never goes through the layers (model.Packing): h holds the real positions only,
+    # row after row, and `predicts` marks which of them predict a target.
+    h = model.hidden_states(ids, lengths=batch.lengths)  # (real tokens, hidden)
+    real = torch.arange(ids.shape[1], device=ids.device)[None] < batch.lengths[:, None]  # (B, T)
+    predicts = F.pad(pred_mask, (0, 1))  # (B, T): position t predicts a target
+    hs = h[predicts[real]]  # (N, hidden), in the same row-major order as pred_mask
     labels = ids[:, 1:][pred_mask]  # (N,)
     rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(pred_mask)[pred_mask]  # (N,)
     nll = torch.cat([

@@ -407,8 +407,9 @@ def test_response_nll_equals_masked_full_cross_entropy(chunk):
     assert (nll - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
 
 
+@pytest.mark.parametrize("lengths", [[9, 23, 4, 17], [23, 23, 23, 23]], ids=["padded", "no-padding"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_rows_equal_padded_batch(dtype):
+def test_packed_rows_equal_padded_batch(dtype, lengths):
     """hidden_states(lengths=...) runs the layers on the real tokens only: its rows equal the
     padded forward's real positions, and a LoRA loss's gradients are the same either way."""
     from lora import inject_lora
@@ -417,7 +418,7 @@ def test_packed_rows_equal_padded_batch(dtype):
     for name, p in m.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
-    lengths = torch.tensor([9, 23, 4, 17])
+    lengths = torch.tensor(lengths)
     ids = ids_of((4, 23), 11)
     real = torch.arange(23)[None] < lengths[:, None]
     ids[~real] = 0
