@@ -178,24 +178,42 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear with one CPU fast path: an fp32 product of a few rows computed as (W @ x^T)^T.
+    """nn.Linear with two CPU fast paths for fp32 products of a few rows (decoding).
 
-    A decoding step multiplies one row per sequence by every weight matrix. For 2 to 64 fp32 rows,
-    this machine's CPU BLAS runs the transposed product W @ x^T faster than x @ W^T: the same sums
-    in another order (tests/test_fast_paths.py compares the two), and batched fp32 generation
-    gains 16% at batch 16 and 50% at batch 4 (measured back to back, SmolLM2-135M). In bf16 the
-    transposed product is level at 16 rows and 14% slower at 4, and one row or many (prompts,
-    training) are level in either dtype, so everything else takes F.linear.
+    A decoding step multiplies one row per sequence by every weight matrix, so it is bound by how
+    fast the weights stream from memory. This machine's CPU BLAS (MKL on an AMD EPYC) is slow at
+    exactly that; the same sums in another order are faster (tests/test_fast_paths.py compares
+    each with F.linear):
+    - 1 row: W seen as two stacked halves, a batch of two products (2, out/2, in) @ (2, in, 1).
+      The batched kernel streams W at ~23 GB/s on one core and ~30 GB/s on two, the plain
+      vector product at ~11 GB/s (measured on a 113 MB head: 10.3 -> 3.6 ms); fp32 generation
+      at batch 1 runs ~1.9x faster (measured back to back, SmolLM2-135M).
+    - 2 to 64 rows: the transposed product W @ x^T (fp32 generation +16% at batch 16 and +50% at
+      batch 4). Two halves gain nothing here.
+    In bf16 neither is faster (the transposed product is level at 16 rows and 14% slower at 4,
+    the halves slower at 1 row), and many rows (prompts, training) are level in either dtype,
+    so everything else takes F.linear.
     """
 
-    few_rows = (2, 64)
+    few_rows = (2, 64)  # rows that take W @ x^T
+    one_row_halves = True  # False: one row takes F.linear (tests compare the two)
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
         lo, hi = self.few_rows
-        if x.device.type != "cpu" or x.dtype != torch.float32 or not lo <= rows <= hi:
+        if x.device.type != "cpu" or x.dtype != torch.float32 or rows > hi:
             return F.linear(x, self.weight, self.bias)
-        y = (self.weight @ x.reshape(rows, -1).T).T  # (out, rows) -> (rows, out), a transposed view
+        W = self.weight  # (out, in)
+        if rows == 1 and self.one_row_halves and W.shape[0] % 2 == 0 and W.is_contiguous():
+            halves = W.view(2, W.shape[0] // 2, W.shape[1])  # (2, out/2, in), no copy
+            # x as the transposed view of a (1, in) row, strides (1, in): with a contiguous
+            # (in, 1) column instead, the same product takes a kernel 5x slower (measured).
+            column = x.reshape(1, -1).T.expand(2, -1, -1)  # (2, in, 1), no copy
+            y = torch.bmm(halves, column)  # (2, out/2, 1): the two halves of W @ x
+        elif lo <= rows:
+            y = (W @ x.reshape(rows, -1).T).T  # (out, rows) -> (rows, out), a transposed view
+        else:
+            return F.linear(x, W, self.bias)
         y = y.reshape(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
@@ -347,6 +365,7 @@ def block_causal_attention(q, k, v, block: int = 128):
 
 class Attention(nn.Module):
     cpu_bf16_training_blocks = True  # False: SDPA there too (tests compare the two)
+    cpu_one_sequence_sdpa = True  # False: grouped_attention there too (tests compare the two)
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -376,9 +395,16 @@ class Attention(nn.Module):
             # mask None = plain causal attention over the whole sequence: the flash path
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=self.n_kv != self.n_head)
+        elif attn_impl == "sdpa" and B == 1 and self.cpu_one_sequence_sdpa:
+            # One sequence decoding on CPU: SDPA's fp32 kernel over exactly the cached positions
+            # takes ~30 us a layer where two tiny matmuls take ~75 (fp32) or ~125 (bf16, whose
+            # small matmuls have a high fixed cost). bf16 keys/values are widened to fp32 first
+            # (cheap for one row); the output is rounded back to bf16.
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                               enable_gqa=self.n_kv != self.n_head).to(q.dtype)
         else:
-            # The textbook path. Also used for one-token decoding on CPU, where it is ~10x faster
-            # than SDPA's CPU kernel (two small matmuls against the cache).
+            # The textbook path. Also used for one-token decoding of a batch on CPU, where it is
+            # ~5x faster than SDPA's CPU kernel in bf16 (two small matmuls against the cache).
             y = grouped_attention(q, k, v, mask)  # (B, n_head, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)  # (B, T, hidden)
         if packing is not None:
@@ -468,8 +494,11 @@ class Transformer(nn.Module):
                 # In bf16 it is read whole: a slice of the cache is a strided view that bf16
                 # matmuls first copy (30% of a batch-16 decoding step), while the whole cache is
                 # contiguous (batch-16 bf16 generation +14%; fp32 matmuls take the slice as it is).
-                # The extra, never-written positions are masked out.
-                if self.dtype == torch.bfloat16 and self.whole_cache_reads_bf16:
+                # The extra, never-written positions are masked out. One sequence reads exactly
+                # the S positions: its attention is SDPA in fp32 (see Attention), no oneDNN.
+                if B == 1 and self.attn_impl == "sdpa" and Attention.cpu_one_sequence_sdpa:
+                    cache.read_len = S
+                elif self.dtype == torch.bfloat16 and self.whole_cache_reads_bf16:
                     cache.read_len = cache.max_len
                 else:
                     cache.read_len = min(cache.max_len, -(-S // 64) * 64)

@@ -10,8 +10,10 @@ Correctness only, never speed (bench.py measures speed). The fast paths checked:
 - block_causal_attention (bf16 CPU training) vs the textbook path, values and gradients, and a
   bf16 LoRA step's gradients with it vs with SDPA;
 - bf16 CPU decoding reading the whole KV cache vs in blocks of 64 positions (same tokens);
-- model.Linear's transposed product for a few fp32 rows (W @ x^T) vs F.linear, alone and through
-  a whole batched generation;
+- one sequence decoding on CPU (SDPA in fp32 over exactly the cached positions) vs the batch path,
+  including a left-padded row left alone after its batch-mate stopped;
+- model.Linear's fp32 products for one row (W as two halves) and a few rows (W @ x^T) vs
+  F.linear, alone and through whole generations at batch 1 and 6;
 - top-p sampling through the top-256 shortcut vs a full-sort nucleus written here, including a
   nucleus that needs more than 256 tokens;
 - response_nll's head-only-on-supervised-positions (chunked, padding dropped) vs cross entropy on
@@ -276,11 +278,44 @@ def test_bf16_decoding_whole_cache_reads_equal_block_reads(monkeypatch):
     assert (steps[0] - steps[1]).abs().max().item() <= 2e-2 * steps[1].abs().max().item()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_one_sequence_decoding_sdpa_equals_grouped_attention(dtype, monkeypatch):
+    """One sequence decoding on CPU: SDPA in fp32 over exactly the filled cache positions vs the
+    batch path (grouped_attention over blocks / the whole cache). Two prompts, the long one
+    stopped after its first token, so the short, left-padded one decodes alone with its padding
+    masked: every step's logits agree, as do the tokens, and alone it reads exactly S positions."""
+    m = tiny_model(n_kv=2, seed=7).to(dtype)
+    g = torch.Generator().manual_seed(8)
+    short, long = (torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (4, 30))
+    stop = generate(m, [long], max_new_tokens=1)[0][0]
+    real_update, real_sample = KVCache.update, model_mod.sample_next
+    reads, logits, outs = [], [], []
+    monkeypatch.setattr(KVCache, "update", lambda self, *a: (lambda out: reads.append((out[0].shape[0], out[0].shape[2], self.length)) or out)(real_update(self, *a)))
+    monkeypatch.setattr(model_mod, "sample_next", lambda lg, *a: logits.append(lg.float()) or real_sample(lg, *a))
+    per_path = []
+    for on in (True, False):
+        monkeypatch.setattr(model_mod.Attention, "cpu_one_sequence_sdpa", on)
+        reads.clear()
+        logits.clear()
+        outs.append(generate(m, [short, long], max_new_tokens=20, stop_ids=[stop]))
+        per_path.append([lg[0] for lg in logits])  # row 0 is the short prompt throughout
+        alone = [(n, written) for rows, n, written in reads if rows == 1]
+        assert alone, "the short prompt never decoded alone"
+        if on:  # S = the positions written before this step + this one
+            assert all(n == written + 1 for n, written in alone)
+        else:
+            assert all(n > written + 1 for n, written in alone)  # blocks / the whole cache
+    assert outs[0] == outs[1] and len(outs[0][1]) == 0 and len(outs[0][0]) >= 10
+    fast, plain = torch.stack(per_path[0]), torch.stack(per_path[1])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (fast - plain).abs().max().item() <= tol * plain.abs().max().item()
+
+
 @pytest.mark.parametrize("rows", [1, 2, 16, 64, 65])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_few_rows_equals_f_linear(rows, bias):
-    """(W @ x^T)^T for 2..64 fp32 rows on CPU is x @ W^T + b up to float rounding; 1 row and 65
-    rows (outside the range) take F.linear itself, so they must match bit for bit."""
+    """1 fp32 row on CPU (W as two halves) and 2..64 rows ((W @ x^T)^T) are x @ W^T + b up to
+    float rounding; 65 rows (outside the range) take F.linear itself, so must match bit for bit."""
     torch.manual_seed(rows)
     layer = model_mod.Linear(96, 160, bias=bias)
     if bias:
@@ -288,10 +323,25 @@ def test_linear_few_rows_equals_f_linear(rows, bias):
     x = torch.randn(rows, 1, 96)  # a decoding step's shape: (B, 1, in)
     out, ref = layer(x), F.linear(x, layer.weight, layer.bias)
     assert out.shape == ref.shape == (rows, 1, 160)
-    if 2 <= rows <= 64:
+    if rows <= 64:
         assert (out - ref).abs().max().item() <= 1e-5
     else:
         assert torch.equal(out, ref)
+
+
+def test_linear_one_row_halves_keep_the_output_order():
+    """The two halves are W's first and second out/2 rows: each output lands where F.linear puts
+    it (a weight with one non-zero row per output shows a swap or a shuffle exactly); an odd
+    out_features cannot be halved and takes F.linear, bit for bit."""
+    layer = model_mod.Linear(8, 6, bias=False)
+    with torch.no_grad():
+        layer.weight.zero_()
+        for o in range(6):
+            layer.weight[o, o] = o + 1.0  # output o = (o + 1) * x[o]
+    x = torch.arange(1.0, 9.0)[None, None]  # (1, 1, 8)
+    assert layer(x).flatten().tolist() == [(o + 1) * (o + 1.0) for o in range(6)]
+    odd = model_mod.Linear(8, 5, bias=True)
+    assert torch.equal(odd(x), F.linear(x, odd.weight, odd.bias))
 
 
 def test_linear_few_rows_path_is_fp32_cpu_only():
@@ -301,11 +351,12 @@ def test_linear_few_rows_path_is_fp32_cpu_only():
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
-def test_generate_batched_same_tokens_with_and_without_few_rows_path(tiny, monkeypatch):
-    """A batch of 6 prompts decoded greedily: the few-rows path changes only rounding, so the
-    greedy tokens are those of plain F.linear everywhere."""
+@pytest.mark.parametrize("lengths", [(5, 9, 2, 7, 12, 4), (9,)], ids=["batch6", "batch1"])
+def test_generate_same_tokens_with_and_without_few_rows_paths(tiny, monkeypatch, lengths):
+    """Greedy decoding of 6 prompts (W @ x^T) and of 1 prompt (W as two halves): the fast paths
+    change only rounding, so the greedy tokens are those of plain F.linear everywhere."""
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (5, 9, 2, 7, 12, 4)]
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in lengths]
     fast = generate(tiny, prompts, max_new_tokens=12)
     monkeypatch.setattr(model_mod.Linear, "few_rows", (10**9, 0))  # an empty range: F.linear always
     plain = generate(tiny, prompts, max_new_tokens=12)
