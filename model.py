@@ -178,29 +178,39 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear with two CPU fast paths for fp32 products of a few rows (decoding).
+    """nn.Linear with CPU fast paths for products of a few rows (decoding).
 
     A decoding step multiplies one row per sequence by every weight matrix, so it is bound by how
-    fast the weights stream from memory. This machine's CPU BLAS (MKL on an AMD EPYC) is slow at
-    exactly that; the same sums in another order are faster (tests/test_fast_paths.py compares
-    each with F.linear):
-    - 1 row: W seen as two stacked halves, a batch of two products (2, out/2, in) @ (2, in, 1).
-      The batched kernel streams W at ~23 GB/s on one core and ~30 GB/s on two, the plain
-      vector product at ~11 GB/s (measured on a 113 MB head: 10.3 -> 3.6 ms); fp32 generation
-      at batch 1 runs ~1.9x faster (measured back to back, SmolLM2-135M).
-    - 2 to 64 rows: the transposed product W @ x^T (fp32 generation +16% at batch 16 and +50% at
-      batch 4). Two halves gain nothing here.
-    In bf16 neither is faster (the transposed product is level at 16 rows and 14% slower at 4,
-    the halves slower at 1 row), and many rows (prompts, training) are level in either dtype,
-    so everything else takes F.linear.
+    fast the weights stream from memory. The kernels torch picks by default on this machine (MKL
+    for fp32, oneDNN for bf16, on an AMD EPYC) are slow at exactly that; the same sums in another
+    order or by another kernel are faster (tests/test_fast_paths.py compares each with F.linear):
+    - fp32, 1 row: W seen as two stacked halves, a batch of two products (2, out/2, in) @
+      (2, in, 1). The batched kernel streams W at ~23 GB/s on one core and ~30 GB/s on two, the
+      plain vector product at ~11 GB/s (a 113 MB head: 10.3 -> 3.6 ms); fp32 generation at
+      batch 1 runs ~1.9x faster (measured back to back, SmolLM2-135M).
+    - fp32, 2 to 64 rows: the transposed product W @ x^T (fp32 generation +16% at batch 16 and
+      +50% at batch 4). Two halves gain nothing here.
+    - bf16, 1 or 2 rows: F.linear with oneDNN switched off for the call, so torch's own bf16
+      vector kernel runs (fp32 sums, like oneDNN's): ~30 GB/s where oneDNN streams ~15 GB/s and
+      pays ~30 us a call; bf16 generation at batch 1 runs ~1.65x faster. From 4 rows on oneDNN
+      is faster (at 16 rows 3.6x), so only 1-2 rows.
+    Many rows (prompts, training) are level either way, so they take F.linear.
     """
 
-    few_rows = (2, 64)  # rows that take W @ x^T
-    one_row_halves = True  # False: one row takes F.linear (tests compare the two)
+    few_rows = (2, 64)  # fp32 rows that take W @ x^T
+    one_row_halves = True  # False: one fp32 row takes F.linear (tests compare the two)
+    bf16_rows_without_onednn = 2  # 0: bf16 always takes oneDNN (tests compare the two)
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
         lo, hi = self.few_rows
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and rows <= self.bf16_rows_without_onednn:
+            was = torch.backends.mkldnn.enabled
+            torch.backends.mkldnn.enabled = False  # a global switch, read by this call only
+            try:
+                return F.linear(x, self.weight, self.bias)
+            finally:
+                torch.backends.mkldnn.enabled = was
         if x.device.type != "cpu" or x.dtype != torch.float32 or rows > hi:
             return F.linear(x, self.weight, self.bias)
         W = self.weight  # (out, in)

@@ -12,8 +12,9 @@ Correctness only, never speed (bench.py measures speed). The fast paths checked:
 - bf16 CPU decoding reading the whole KV cache vs in blocks of 64 positions (same tokens);
 - one sequence decoding on CPU (SDPA in fp32 over exactly the cached positions) vs the batch path,
   including a left-padded row left alone after its batch-mate stopped;
-- model.Linear's fp32 products for one row (W as two halves) and a few rows (W @ x^T) vs
-  F.linear, alone and through whole generations at batch 1 and 6;
+- model.Linear's fp32 products for one row (W as two halves) and a few rows (W @ x^T), and its
+  bf16 products of 1-2 rows without oneDNN, vs F.linear, alone and through whole generations at
+  batch 1, 2 and 6;
 - top-p sampling through the top-256 shortcut vs a full-sort nucleus written here, including a
   nucleus that needs more than 256 tokens;
 - response_nll's head-only-on-supervised-positions (chunked, padding dropped) vs cross entropy on
@@ -351,15 +352,40 @@ def test_linear_few_rows_path_is_fp32_cpu_only():
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
-@pytest.mark.parametrize("lengths", [(5, 9, 2, 7, 12, 4), (9,)], ids=["batch6", "batch1"])
-def test_generate_same_tokens_with_and_without_few_rows_paths(tiny, monkeypatch, lengths):
-    """Greedy decoding of 6 prompts (W @ x^T) and of 1 prompt (W as two halves): the fast paths
-    change only rounding, so the greedy tokens are those of plain F.linear everywhere."""
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_linear_bf16_few_rows_without_onednn_equals_onednn(rows):
+    """1-2 bf16 rows on CPU run with oneDNN switched off (torch's own vector kernel): equal to
+    the oneDNN product up to bf16 rounding; 3 rows keep oneDNN, bit for bit. The global switch
+    is back as it was afterwards, also when the product raises."""
+    torch.manual_seed(rows)
+    layer = model_mod.Linear(96, 160, bias=True).to(torch.bfloat16)
+    torch.nn.init.normal_(layer.bias)
+    x = torch.randn(rows, 1, 96, dtype=torch.bfloat16)
+    before = torch.backends.mkldnn.enabled
+    out, ref = layer(x), F.linear(x, layer.weight, layer.bias)
+    assert torch.backends.mkldnn.enabled == before
+    if rows <= 2:
+        assert (out.float() - ref.float()).abs().max().item() <= 2e-2 * ref.float().abs().max().item()
+    else:
+        assert torch.equal(out, ref)
+    with pytest.raises(RuntimeError):
+        layer(torch.randn(1, 1, 95, dtype=torch.bfloat16))  # wrong width: the product raises
+    assert torch.backends.mkldnn.enabled == before
+
+
+@pytest.mark.parametrize("lengths", [(5, 9, 2, 7, 12, 4), (9,), (9, 4)], ids=["batch6", "batch1", "batch2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_generate_same_tokens_with_and_without_few_rows_paths(monkeypatch, lengths, dtype):
+    """Greedy decoding of 6, 1 and 2 prompts: fp32 takes W @ x^T (2+ rows) or W as two halves
+    (1 row), bf16 takes its own vector kernel (1-2 rows). The fast paths change only rounding,
+    so the greedy tokens are those of plain F.linear everywhere."""
+    m = tiny_model(n_kv=2, seed=9).to(dtype)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in lengths]
-    fast = generate(tiny, prompts, max_new_tokens=12)
+    fast = generate(m, prompts, max_new_tokens=12)
     monkeypatch.setattr(model_mod.Linear, "few_rows", (10**9, 0))  # an empty range: F.linear always
-    plain = generate(tiny, prompts, max_new_tokens=12)
+    monkeypatch.setattr(model_mod.Linear, "bf16_rows_without_onednn", 0)
+    plain = generate(m, prompts, max_new_tokens=12)
     assert fast == plain and all(len(o) == 12 for o in fast)
 
 
