@@ -204,7 +204,8 @@ class Linear(nn.Linear):
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
         lo, hi = self.few_rows
-        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and rows <= self.bf16_rows_without_onednn:
+        if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and rows <= self.bf16_rows_without_onednn
+                and not torch.backends.flags_frozen()):  # frozen (disable_global_flags): oneDNN
             was = torch.backends.mkldnn.enabled
             torch.backends.mkldnn.enabled = False  # a global switch, read by this call only
             try:

@@ -373,6 +373,15 @@ def test_linear_bf16_few_rows_without_onednn_equals_onednn(rows):
     assert torch.backends.mkldnn.enabled == before
 
 
+def test_linear_bf16_one_row_with_frozen_backend_flags(monkeypatch):
+    """After torch.backends.disable_global_flags() the switch cannot be flipped: one bf16 row
+    then takes oneDNN's product (bit for bit) instead of raising."""
+    layer = model_mod.Linear(96, 160, bias=False).to(torch.bfloat16)
+    x = torch.randn(1, 1, 96, dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.backends, "flags_frozen", lambda: True)
+    assert torch.equal(layer(x), F.linear(x, layer.weight))
+
+
 @pytest.mark.parametrize("lengths", [(5, 9, 2, 7, 12, 4), (9,), (9, 4)], ids=["batch6", "batch1", "batch2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_generate_same_tokens_with_and_without_few_rows_paths(monkeypatch, lengths, dtype):
