@@ -192,8 +192,9 @@ class Linear(nn.Linear):
       +50% at batch 4). Two halves gain nothing here.
     - bf16, 1 or 2 rows: F.linear with oneDNN switched off for the call, so torch's own bf16
       vector kernel runs (fp32 sums, like oneDNN's): ~30 GB/s where oneDNN streams ~15 GB/s and
-      pays ~30 us a call; bf16 generation at batch 1 runs ~1.65x faster. From 4 rows on oneDNN
-      is faster (at 16 rows 3.6x), so only 1-2 rows.
+      pays ~30 us a call; bf16 generation at batch 1 runs ~1.65x faster, at batch 2 +26%. At 3
+      rows the gain was +4%, within the noise, and from 4 rows on oneDNN is faster (at 16 rows
+      3.6x), so only 1-2 rows.
     Many rows (prompts, training) are level either way, so they take F.linear.
     """
 
@@ -203,30 +204,34 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
-        lo, hi = self.few_rows
-        if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and rows <= self.bf16_rows_without_onednn
-                and not torch.backends.flags_frozen()):  # frozen (disable_global_flags): oneDNN
+        W, b = self.weight, self.bias  # (out, in), (out,) or None
+        if x.device.type != "cpu":
+            return F.linear(x, W, b)
+        if x.dtype == torch.bfloat16:
+            if rows > self.bf16_rows_without_onednn or torch.backends.flags_frozen():
+                return F.linear(x, W, b)  # (frozen by disable_global_flags: cannot switch)
+            # A process-wide switch, flipped back right after: fine here, where one thread runs
+            # the model; another thread's bf16 products in between would also skip oneDNN.
             was = torch.backends.mkldnn.enabled
-            torch.backends.mkldnn.enabled = False  # a global switch, read by this call only
+            torch.backends.mkldnn.enabled = False
             try:
-                return F.linear(x, self.weight, self.bias)
+                return F.linear(x, W, b)
             finally:
                 torch.backends.mkldnn.enabled = was
-        if x.device.type != "cpu" or x.dtype != torch.float32 or rows > hi:
-            return F.linear(x, self.weight, self.bias)
-        W = self.weight  # (out, in)
+        if x.dtype != torch.float32:
+            return F.linear(x, W, b)
         if rows == 1 and self.one_row_halves and W.shape[0] % 2 == 0 and W.is_contiguous():
             halves = W.view(2, W.shape[0] // 2, W.shape[1])  # (2, out/2, in), no copy
             # x as the transposed view of a (1, in) row, strides (1, in): with a contiguous
             # (in, 1) column instead, the same product takes a kernel 5x slower (measured).
             column = x.reshape(1, -1).T.expand(2, -1, -1)  # (2, in, 1), no copy
             y = torch.bmm(halves, column)  # (2, out/2, 1): the two halves of W @ x
-        elif lo <= rows:
+        elif self.few_rows[0] <= rows <= self.few_rows[1]:
             y = (W @ x.reshape(rows, -1).T).T  # (out, rows) -> (rows, out), a transposed view
         else:
-            return F.linear(x, W, self.bias)
+            return F.linear(x, W, b)
         y = y.reshape(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias
+        return y if b is None else y + b
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -377,6 +382,15 @@ def block_causal_attention(q, k, v, block: int = 128):
 class Attention(nn.Module):
     cpu_bf16_training_blocks = True  # False: SDPA there too (tests compare the two)
     cpu_one_sequence_sdpa = True  # False: grouped_attention there too (tests compare the two)
+    one_sequence_sdpa_max_keys_bf16 = 1024  # beyond, widening the bf16 cache costs more than it saves
+
+    @classmethod
+    def uses_one_sequence_sdpa(cls, batch: int, keys: int, dtype: torch.dtype) -> bool:
+        """Whether one-token CPU decoding of `batch` rows against `keys` cached positions takes
+        SDPA in fp32 (see forward). Transformer.hidden_states asks too: such a step reads exactly
+        the filled positions of the cache, no more."""
+        return (cls.cpu_one_sequence_sdpa and batch == 1
+                and (dtype == torch.float32 or keys <= cls.one_sequence_sdpa_max_keys_bf16))
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -406,11 +420,13 @@ class Attention(nn.Module):
             # mask None = plain causal attention over the whole sequence: the flash path
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=self.n_kv != self.n_head)
-        elif attn_impl == "sdpa" and B == 1 and self.cpu_one_sequence_sdpa:
+        elif attn_impl == "sdpa" and self.uses_one_sequence_sdpa(B, k.shape[2], q.dtype):
             # One sequence decoding on CPU: SDPA's fp32 kernel over exactly the cached positions
             # takes ~30 us a layer where two tiny matmuls take ~75 (fp32) or ~125 (bf16, whose
-            # small matmuls have a high fixed cost). bf16 keys/values are widened to fp32 first
-            # (cheap for one row); the output is rounded back to bf16.
+            # small matmuls have a high fixed cost), at ~200 positions. bf16 keys/values are
+            # widened to fp32 first, a copy of the layer's cache that grows with its length:
+            # level with the bf16 matmuls at ~800 positions, slower beyond (measured at 2,000:
+            # 234 vs 197 us), hence the bf16 limit. The output is rounded back to bf16.
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
                                                enable_gqa=self.n_kv != self.n_head).to(q.dtype)
         else:
@@ -506,8 +522,8 @@ class Transformer(nn.Module):
                 # matmuls first copy (30% of a batch-16 decoding step), while the whole cache is
                 # contiguous (batch-16 bf16 generation +14%; fp32 matmuls take the slice as it is).
                 # The extra, never-written positions are masked out. One sequence reads exactly
-                # the S positions: its attention is SDPA in fp32 (see Attention), no oneDNN.
-                if B == 1 and self.attn_impl == "sdpa" and Attention.cpu_one_sequence_sdpa:
+                # the S positions when its attention is SDPA in fp32 (see Attention), no oneDNN.
+                if self.attn_impl == "sdpa" and Attention.uses_one_sequence_sdpa(B, S, self.dtype):
                     cache.read_len = S
                 elif self.dtype == torch.bfloat16 and self.whole_cache_reads_bf16:
                     cache.read_len = cache.max_len

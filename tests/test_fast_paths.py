@@ -282,16 +282,23 @@ def test_bf16_decoding_whole_cache_reads_equal_block_reads(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_one_sequence_decoding_sdpa_equals_grouped_attention(dtype, monkeypatch):
     """One sequence decoding on CPU: SDPA in fp32 over exactly the filled cache positions vs the
-    batch path (grouped_attention over blocks / the whole cache). Two prompts, the long one
+    batch path (grouped_attention over blocks of 64 / the whole cache). Two prompts, the long one
     stopped after its first token, so the short, left-padded one decodes alone with its padding
-    masked: every step's logits agree, as do the tokens, and alone it reads exactly S positions."""
+    masked: every step's logits agree, as do the tokens. Alone it reads exactly S positions, in
+    bf16 only up to the key limit (lowered to 40 here: whole-cache reads after it)."""
     m = tiny_model(n_kv=2, seed=7).to(dtype)
+    monkeypatch.setattr(model_mod.Attention, "one_sequence_sdpa_max_keys_bf16", 40)
     g = torch.Generator().manual_seed(8)
     short, long = (torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (4, 30))
     stop = generate(m, [long], max_new_tokens=1)[0][0]
     real_update, real_sample = KVCache.update, model_mod.sample_next
     reads, logits, outs = [], [], []
-    monkeypatch.setattr(KVCache, "update", lambda self, *a: (lambda out: reads.append((out[0].shape[0], out[0].shape[2], self.length)) or out)(real_update(self, *a)))
+
+    def spy_update(self, *a):
+        out = real_update(self, *a)
+        reads.append((out[0].shape[0], out[0].shape[2], self.length + 1, self.max_len))
+        return out
+    monkeypatch.setattr(KVCache, "update", spy_update)
     monkeypatch.setattr(model_mod, "sample_next", lambda lg, *a: logits.append(lg.float()) or real_sample(lg, *a))
     per_path = []
     for on in (True, False):
@@ -300,13 +307,15 @@ def test_one_sequence_decoding_sdpa_equals_grouped_attention(dtype, monkeypatch)
         logits.clear()
         outs.append(generate(m, [short, long], max_new_tokens=20, stop_ids=[stop]))
         per_path.append([lg[0] for lg in logits])  # row 0 is the short prompt throughout
-        alone = [(n, written) for rows, n, written in reads if rows == 1]
-        assert alone, "the short prompt never decoded alone"
-        if on:  # S = the positions written before this step + this one
-            assert all(n == written + 1 for n, written in alone)
-        else:
-            assert all(n > written + 1 for n, written in alone)  # blocks / the whole cache
-    assert outs[0] == outs[1] and len(outs[0][1]) == 0 and len(outs[0][0]) >= 10
+        alone = [(n, S, max_len) for rows, n, S, max_len in reads if rows == 1]
+        assert len(alone) == 19 * m.cfg.num_hidden_layers  # 19 one-row steps, every layer
+        for n, S, max_len in alone:  # S = the positions filled once this step's key is written
+            whole = max_len if dtype == torch.bfloat16 else min(max_len, -(-S // 64) * 64)
+            exact = on and (dtype == torch.float32 or S <= 40)
+            assert n == (S if exact else whole), (on, n, S)
+        if on and dtype == torch.bfloat16:  # both sides of the key limit were decoded
+            assert {S <= 40 for _, S, _ in alone} == {True, False}
+    assert outs[0] == outs[1] and len(outs[0][1]) == 0 and len(outs[0][0]) == 20
     fast, plain = torch.stack(per_path[0]), torch.stack(per_path[1])
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (fast - plain).abs().max().item() <= tol * plain.abs().max().item()
@@ -314,16 +323,23 @@ def test_one_sequence_decoding_sdpa_equals_grouped_attention(dtype, monkeypatch)
 
 @pytest.mark.parametrize("rows", [1, 2, 16, 64, 65])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_few_rows_equals_f_linear(rows, bias):
-    """1 fp32 row on CPU (W as two halves) and 2..64 rows ((W @ x^T)^T) are x @ W^T + b up to
-    float rounding; 65 rows (outside the range) take F.linear itself, so must match bit for bit."""
+def test_linear_few_rows_equals_f_linear(rows, bias, monkeypatch):
+    """1 fp32 row on CPU (W as two halves: one batched product) and 2..64 rows ((W @ x^T)^T) are
+    x @ W^T + b up to float rounding; 65 rows (outside the range) take F.linear itself, so must
+    match bit for bit."""
     torch.manual_seed(rows)
     layer = model_mod.Linear(96, 160, bias=bias)
     if bias:
         torch.nn.init.normal_(layer.bias)
     x = torch.randn(rows, 1, 96)  # a decoding step's shape: (B, 1, in)
-    out, ref = layer(x), F.linear(x, layer.weight, layer.bias)
+    bmm_calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: bmm_calls.append(a[0].shape) or real_bmm(*a))
+    out = layer(x)
+    monkeypatch.undo()
+    ref = F.linear(x, layer.weight, layer.bias)
     assert out.shape == ref.shape == (rows, 1, 160)
+    assert bmm_calls == ([(2, 80, 96)] if rows == 1 else [])  # the halves path ran, and only for 1 row
     if rows <= 64:
         assert (out - ref).abs().max().item() <= 1e-5
     else:
@@ -353,24 +369,31 @@ def test_linear_few_rows_path_is_fp32_cpu_only():
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3])
-def test_linear_bf16_few_rows_without_onednn_equals_onednn(rows):
+def test_linear_bf16_few_rows_without_onednn_equals_onednn(rows, monkeypatch):
     """1-2 bf16 rows on CPU run with oneDNN switched off (torch's own vector kernel): equal to
-    the oneDNN product up to bf16 rounding; 3 rows keep oneDNN, bit for bit. The global switch
-    is back as it was afterwards, also when the product raises."""
+    the oneDNN product up to bf16 rounding; 3 rows keep oneDNN, bit for bit. The switch is off
+    during the product (seen from inside F.linear) and back as it was afterwards, also when the
+    product raises."""
     torch.manual_seed(rows)
     layer = model_mod.Linear(96, 160, bias=True).to(torch.bfloat16)
     torch.nn.init.normal_(layer.bias)
     x = torch.randn(rows, 1, 96, dtype=torch.bfloat16)
     before = torch.backends.mkldnn.enabled
-    out, ref = layer(x), F.linear(x, layer.weight, layer.bias)
+    assert before  # oneDNN is on by default, so switching it off is a visible change
+    seen = []
+    real_linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda *a: seen.append(torch.backends.mkldnn.enabled) or real_linear(*a))
+    out = layer(x)
+    with pytest.raises(RuntimeError):
+        layer(torch.randn(1, 1, 95, dtype=torch.bfloat16))  # wrong width: the product raises
+    monkeypatch.undo()
+    assert seen == [rows > 2, False]  # off for 1-2 rows, on for 3; the failing call is 1 row
     assert torch.backends.mkldnn.enabled == before
+    ref = F.linear(x, layer.weight, layer.bias)
     if rows <= 2:
         assert (out.float() - ref.float()).abs().max().item() <= 2e-2 * ref.float().abs().max().item()
     else:
         assert torch.equal(out, ref)
-    with pytest.raises(RuntimeError):
-        layer(torch.randn(1, 1, 95, dtype=torch.bfloat16))  # wrong width: the product raises
-    assert torch.backends.mkldnn.enabled == before
 
 
 def test_linear_bf16_one_row_with_frozen_backend_flags(monkeypatch):
@@ -392,8 +415,9 @@ def test_generate_same_tokens_with_and_without_few_rows_paths(monkeypatch, lengt
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in lengths]
     fast = generate(m, prompts, max_new_tokens=12)
-    monkeypatch.setattr(model_mod.Linear, "few_rows", (10**9, 0))  # an empty range: F.linear always
-    monkeypatch.setattr(model_mod.Linear, "bf16_rows_without_onednn", 0)
+    monkeypatch.setattr(model_mod.Linear, "few_rows", (10**9, 0))  # an empty range
+    monkeypatch.setattr(model_mod.Linear, "one_row_halves", False)
+    monkeypatch.setattr(model_mod.Linear, "bf16_rows_without_onednn", 0)  # F.linear always
     plain = generate(m, prompts, max_new_tokens=12)
     assert fast == plain and all(len(o) == 12 for o in fast)
 
