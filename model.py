@@ -642,7 +642,9 @@ def load_state_dict_strict(model: nn.Module, state: dict, dtype: torch.dtype, de
 def sample_next(logits, temperature: float, top_p: float, generator: torch.Generator | None):
     """Next token ids (B,) from last-position logits (B, vocab): greedy if temperature == 0."""
     if temperature == 0:
-        return logits.argmax(-1)
+        # bf16 argmax is slow on CPU (1.4 ms for 16 x 49,152 logits, 0.47 ms widened first; the
+        # widening is exact, so the same token, ties included)
+        return logits.float().argmax(-1)
     probs = (logits.float() / temperature).softmax(-1)
     if top_p < 1.0:
         # Sorting the whole vocabulary is the slow part; the nucleus usually lies in the top 256,

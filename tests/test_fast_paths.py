@@ -15,6 +15,7 @@ Correctness only, never speed (bench.py measures speed). The fast paths checked:
 - model.Linear's fp32 products for one row (W as two halves) and a few rows (W @ x^T), and its
   bf16 products of 1-2 rows without oneDNN, vs F.linear, alone and through whole generations at
   batch 1, 2 and 6;
+- greedy picks on widened bf16 logits vs bf16's own argmax (ties included);
 - top-p sampling through the top-256 shortcut vs a full-sort nucleus written here, including a
   nucleus that needs more than 256 tokens;
 - response_nll's head-only-on-supervised-positions (chunked, padding dropped) vs cross entropy on
@@ -424,6 +425,18 @@ def test_generate_same_tokens_with_and_without_few_rows_paths(monkeypatch, lengt
 
 # ----------------------------------------------------------------------------------------------
 # top-p: the top-256 shortcut vs a full sort
+
+
+def test_greedy_widened_argmax_equals_bf16_argmax():
+    """Greedy picks on bf16 logits widened to fp32 (faster on CPU) are bf16's own argmax, also
+    with ties (both return the first maximum) and with -inf entries."""
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(16, 500, generator=g).mul(4).round().to(torch.bfloat16)  # many ties
+    logits[3] = 1.0  # a row of nothing but ties
+    logits[5, :250] = float("-inf")
+    got = sample_next(logits, temperature=0.0, top_p=1.0, generator=None)
+    assert torch.equal(got, logits.argmax(-1))
+    assert got[3].item() == 0 and (logits == logits.max(-1, keepdim=True).values).sum().item() > 16
 
 
 def nucleus_reference(logits, temperature, top_p):
