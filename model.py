@@ -10,8 +10,10 @@ Deviations from HF transformers, all deliberate:
 - One class for all three architectures; the differences are config fields (bias, tied head).
 - Attention goes through `scaled_dot_product_attention`; `attn_impl="math"` is the textbook
   softmax(QK^T/sqrt(d))V path that a test uses to check it.
-- The linear layers are `Linear`, an nn.Linear whose few-row fp32 CPU products (decoding steps)
-  run as W @ x^T, which this CPU's BLAS does faster; same weights, same state-dict keys.
+- The linear layers are `Linear`, an nn.Linear whose few-row CPU products (decoding steps) take
+  faster routes to the same sums: one fp32 row as W's two halves in a batched product, 2-64
+  fp32 rows as W @ x^T, 1-2 bf16 rows with oneDNN switched off; same weights, same state-dict
+  keys. One sequence decoding on CPU runs its attention as SDPA in fp32.
 - Training and scoring drop the right padding before the first layer (`Packing`): the layers run
   on the real tokens only, and attention alone scatters them back onto the (B, T) grid.
 - Mistral's sliding window is not implemented: a sequence longer than the window fails loudly
