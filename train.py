@@ -458,6 +458,12 @@ def main(argv=None):
         if rank == 0:
             ctx.base = evaluate_base(args, ctx)
         all_results = [run_source(source, args, ctx) for source in args.source]
+        if world > 1:
+            # Leave together. Rank 0 tests each source alone after the last epoch; a rank that
+            # tore the process group down meanwhile aborted once in CI (gloo: "terminate called
+            # without an active exception"). The other ranks already wait like this for rank 0's
+            # base evaluation before the first source.
+            dist.barrier()
     except (ModelLoadError, FileNotFoundError, ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
     finally:
