@@ -29,6 +29,7 @@ uses held-out training questions, never the test set (the paper's code used the 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -458,12 +459,13 @@ def main(argv=None):
         if rank == 0:
             ctx.base = evaluate_base(args, ctx)
         all_results = [run_source(source, args, ctx) for source in args.source]
-        if world > 1:
-            # Leave together. Rank 0 tests each source alone after the last epoch; a rank that
-            # tore the process group down meanwhile aborted once in CI (gloo: "terminate called
-            # without an active exception"). The other ranks already wait like this for rank 0's
-            # base evaluation before the first source.
-            dist.barrier()
+        if world > 1 and dist.get_backend() == "gloo":
+            # Leave together. Rank 0 tests each source alone after the last epoch; a gloo rank
+            # that tore the process group down meanwhile aborted once in CI ("terminate called
+            # without an active exception"). monitored_barrier takes its own timeout: testing
+            # can outlast the group's 30-minute default. (NCCL: never seen there; no wait added,
+            # since a rank stuck past NCCL's timeout would take rank 0's testing down with it.)
+            dist.monitored_barrier(timeout=datetime.timedelta(hours=24))
     except (ModelLoadError, FileNotFoundError, ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
     finally:
