@@ -256,6 +256,22 @@ def test_bf16_lora_step_block_attention_equals_sdpa(monkeypatch):
         assert scale > 0 and (ga[n] - gb[n]).abs().max().item() <= 0.05 * scale, n
 
 
+def spy_decoding(monkeypatch):
+    """Lists filled in as generate() runs: every KVCache.update's (rows, positions it returns,
+    positions filled once the new keys are written, the cache's max_len), and every step's
+    logits (fp32) that a token is sampled from."""
+    reads, logits = [], []
+    real_update, real_sample = KVCache.update, model_mod.sample_next
+
+    def update(self, layer, k, v):
+        out = real_update(self, layer, k, v)
+        reads.append((out[0].shape[0], out[0].shape[2], self.length + k.shape[2], self.max_len))
+        return out
+    monkeypatch.setattr(KVCache, "update", update)
+    monkeypatch.setattr(model_mod, "sample_next", lambda lg, *a: logits.append(lg.float()) or real_sample(lg, *a))
+    return reads, logits
+
+
 def test_bf16_decoding_whole_cache_reads_equal_block_reads(monkeypatch):
     """bf16 CPU decoding reads the whole preallocated cache (masked); reading it in blocks of 64
     positions instead gives the same logits at every step (within bf16 rounding) and the same
@@ -263,10 +279,7 @@ def test_bf16_decoding_whole_cache_reads_equal_block_reads(monkeypatch):
     m = tiny_model(n_kv=2, seed=4).to(torch.bfloat16)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (3, 50, 12, 1)]
-    real_update, real_sample = KVCache.update, model_mod.sample_next
-    reads, logits = [], []
-    monkeypatch.setattr(KVCache, "update", lambda self, *a: (lambda out: reads.append(out[0].shape[2]) or out)(real_update(self, *a)))
-    monkeypatch.setattr(model_mod, "sample_next", lambda lg, *a: logits.append(lg.float()) or real_sample(lg, *a))
+    reads, logits = spy_decoding(monkeypatch)
     outs, steps = [], []
     for whole in (True, False):
         m.whole_cache_reads_bf16 = whole
@@ -274,7 +287,7 @@ def test_bf16_decoding_whole_cache_reads_equal_block_reads(monkeypatch):
         logits.clear()
         outs.append(generate(m, prompts, max_new_tokens=30))
         steps.append(torch.stack(logits))  # (30, B, vocab)
-        one_token_reads = reads[m.cfg.num_hidden_layers:]  # after the prefill (one group of 4)
+        one_token_reads = [n for _, n, _, _ in reads[m.cfg.num_hidden_layers:]]  # after the prefill (one group of 4)
         assert set(one_token_reads) == ({50 + 30} if whole else {64, 50 + 30})  # blocks: 64, then the cache's end
     assert outs[0] == outs[1] and all(len(o) == 30 for o in outs[0])
     assert (steps[0] - steps[1]).abs().max().item() <= 2e-2 * steps[1].abs().max().item()
@@ -292,16 +305,8 @@ def test_one_sequence_decoding_sdpa_equals_grouped_attention(dtype, monkeypatch)
     g = torch.Generator().manual_seed(8)
     short, long = (torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (4, 30))
     stop = generate(m, [long], max_new_tokens=1)[0][0]
-    real_update, real_sample = KVCache.update, model_mod.sample_next
-    reads, logits, outs = [], [], []
-
-    def spy_update(self, *a):
-        out = real_update(self, *a)
-        reads.append((out[0].shape[0], out[0].shape[2], self.length + 1, self.max_len))
-        return out
-    monkeypatch.setattr(KVCache, "update", spy_update)
-    monkeypatch.setattr(model_mod, "sample_next", lambda lg, *a: logits.append(lg.float()) or real_sample(lg, *a))
-    per_path = []
+    reads, logits = spy_decoding(monkeypatch)
+    outs, per_path = [], []
     for on in (True, False):
         monkeypatch.setattr(model_mod.Attention, "cpu_one_sequence_sdpa", on)
         reads.clear()
