@@ -59,12 +59,17 @@ PRESETS = {
 # Distributed helpers (all no-ops in a single process)
 
 
-def dist_setup():
-    """(rank, world_size) from torchrun's environment; initialises the process group if > 1."""
+def dist_setup(timeout: datetime.timedelta):
+    """(rank, world_size) from torchrun's environment; initialises the process group if > 1.
+
+    `timeout` is how long a process waits at a barrier for the others. Rank 0 alone evaluates the
+    base model, builds each training set (generation) and tests each adapter while the other
+    ranks wait; with a 7B model that takes hours, and torch's defaults (10 minutes under NCCL, 30
+    under gloo) would make the waiting ranks abort the run."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timeout)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return (dist.get_rank() if world > 1 else 0), world
@@ -422,6 +427,9 @@ def build_parser():
     s.add_argument("--eval-batch-size", type=int, default=16, help="batch size for perplexity and evaluation")
     s.add_argument("--runs-dir", default="runs", help="where run folders go")
     s.add_argument("--run-name", default=None, help="run folder name (default: task-source-model-seed)")
+    s.add_argument("--dist-timeout-hours", type=float, default=24.0,
+                   help="torchrun only: how long processes wait for rank 0, which alone evaluates, builds "
+                        "training sets and tests (torch's default, 10 min under NCCL, is too short for a 7B model)")
     s.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     s.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     return ap
@@ -437,6 +445,8 @@ def main(argv=None):
                 setattr(args, k, v)
     if args.run_name and len(args.source) > 1:
         sys.exit("error: --run-name names one run; drop it when training several sources")
+    if not args.dist_timeout_hours > 0:
+        sys.exit(f"error: --dist-timeout-hours must be positive, got {args.dist_timeout_hours}")
     import tasks
     if args.task not in tasks.TASKS or not tasks.has_train(args.task):
         trainable = [t for t in tasks.TASKS if tasks.has_train(t)]
@@ -445,7 +455,8 @@ def main(argv=None):
     from pretrained import resolve_model
     from tokenizer import Tokenizer
 
-    rank, world = dist_setup()
+    wait = datetime.timedelta(hours=args.dist_timeout_hours)
+    rank, world = dist_setup(wait)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     device = args.device or best_device()
@@ -462,10 +473,8 @@ def main(argv=None):
         if world > 1 and dist.get_backend() == "gloo":
             # Leave together. Rank 0 tests each source alone after the last epoch; a gloo rank
             # that tore the process group down meanwhile aborted once in CI ("terminate called
-            # without an active exception"). monitored_barrier takes its own timeout: testing
-            # can outlast the group's 30-minute default. (NCCL: never seen there; no wait added,
-            # since a rank stuck past NCCL's timeout would take rank 0's testing down with it.)
-            dist.monitored_barrier(timeout=datetime.timedelta(hours=24))
+            # without an active exception"). (NCCL: never seen there, no wait added.)
+            dist.monitored_barrier(timeout=wait)
     except (ModelLoadError, FileNotFoundError, ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
     finally:

@@ -1,6 +1,7 @@
 """train.py: the loop sees every example once per epoch, weights the loss by tokens across
 micro-batches and processes, resumes exactly, learns, and matches itself under torchrun."""
 
+import datetime
 import json
 import os
 import subprocess
@@ -150,3 +151,31 @@ def test_torchrun_two_processes_match_one(tiny_dir, tmp_path):
     assert any(k.endswith("lora_B.weight") and outs[1][k].abs().max() > 1e-4 for k in outs[1])  # it trained
     for k in outs[1]:
         assert torch.allclose(outs[1][k], outs[2][k], atol=1e-5), k
+
+
+def test_waiting_ranks_use_the_given_timeout(monkeypatch):
+    """Under torchrun the other ranks wait for rank 0's evaluations at barriers, for hours with a
+    7B model: the process group must get --dist-timeout-hours, not torch's 10-minute default."""
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(train.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(train.dist, "init_process_group", lambda backend, timeout: seen.update(backend=backend, timeout=timeout))
+    monkeypatch.setattr(train.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
+    assert train.dist_setup(datetime.timedelta(hours=3)) == (1, 2)
+    assert seen == {"backend": "gloo", "timeout": datetime.timedelta(hours=3)}
+    assert train.build_parser().parse_args([]).dist_timeout_hours == 24
+    with pytest.raises(SystemExit, match="--dist-timeout-hours must be positive"):
+        train.main(["--dist-timeout-hours", "0"])
+
+
+def test_torchrun_ranks_give_up_after_the_timeout(tiny_dir, tmp_path):
+    """The flag reaches the real process group: with a timeout far shorter than rank 0's solo
+    evaluation, a waiting rank times out and the run fails (the default run above passes)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "ILB_SOURCES_DIR": str(tmp_path / "sources")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train.py")] + base_args(tiny_dir, tmp_path, dist_timeout_hours=0.2 / 3600)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode != 0
+    assert "Timed out" in p.stderr, p.stderr[-3000:]
