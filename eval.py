@@ -572,7 +572,7 @@ def option_nlls(model, tok, prompt: str, options: Sequence[str], batch_size: int
     return [(-e.nll, e.tokens) for e in example_nlls(model, rendered, tok.pad_id, batch_size)]
 
 
-def evaluate_task(model, tok, task: str, n: int | None = None, examples=None, batch_size: int = 16,
+def evaluate_task(model, tok, task: str, n: int | None = None, examples=None, batch_size: int = 32,
                   max_new_tokens: int = 256, records_path=None, seed: int = 0, progress: bool = False) -> dict:
     """Accuracy of `model` on `task` (the first n test questions, or the given `examples`).
 
@@ -751,7 +751,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", nargs="+", default=["gsm8k"], help="tasks to evaluate (see tasks.py)")
     p.add_argument("--n", type=int, default=None, help="first N test questions per task (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest generated answer")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="prompts per generation or scoring batch (on a CPU 32 rows decode ~1.35x faster than 2 x 16)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype")
     p.add_argument("--device", default=None, help="cpu, cuda or mps (default: best available)")
     p.add_argument("--out", default=None,
