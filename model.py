@@ -664,9 +664,11 @@ def sample_next(logits, temperature: float, top_p: float, generator: torch.Gener
     cand_probs = cand_probs.masked_fill(drop, 0.0)
     # Draw among the candidates, not the whole vocabulary: CPU multinomial draws one random number
     # per entry, ~16 ms for 16 x 49,152 probabilities (~50 ms at Qwen's 151,936), as long as a GPU
-    # decoding step or longer; for 16 x 256, 0.1 ms. The same distribution as multinomial over the
-    # whole vocabulary with zeros outside the nucleus, not the same draws. The candidates go in
-    # token-id order, so how topk or sort happened to order tied probabilities does not matter.
+    # decoding step or longer; for 16 x 256, 0.1 ms (after a full sort the candidates are the whole
+    # vocabulary again, rarely). The same distribution as multinomial over the whole vocabulary
+    # with zeros outside the nucleus, not the same draws. The candidates go in token-id order, so
+    # the order topk or sort gave tied probabilities does not change the draw (which of several
+    # tied tokens at the nucleus's edge makes the cut still can, as it could before).
     cand_ids, by_id = cand_ids.sort(-1)
     cand_probs = cand_probs.gather(-1, by_id)
     # multinomial on the CPU so a seeded CPU generator gives the same draws on every device

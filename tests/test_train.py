@@ -166,8 +166,9 @@ def test_waiting_ranks_use_the_given_timeout(monkeypatch):
     assert train.dist_setup(datetime.timedelta(hours=3)) == (1, 2)
     assert seen == {"backend": "gloo", "timeout": datetime.timedelta(hours=3)}
     assert train.build_parser().parse_args([]).dist_timeout_hours == 24
-    with pytest.raises(SystemExit, match="--dist-timeout-hours must be positive"):
-        train.main(["--dist-timeout-hours", "0"])
+    for bad in ("0", "-1", "inf", "nan", "1e-9"):
+        with pytest.raises(SystemExit, match="--dist-timeout-hours must be a finite number of hours, at least 1 ms"):
+            train.main(["--dist-timeout-hours", bad])
 
 
 def test_torchrun_ranks_give_up_after_the_timeout(tiny_dir, tmp_path):
@@ -181,4 +182,4 @@ def test_torchrun_ranks_give_up_after_the_timeout(tiny_dir, tmp_path):
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert p.returncode != 0
     # gloo and the store say "timed out after 1ms", "wait timeout after 1ms" or "Timed out waiting 1ms"
-    assert re.search(r"(timed out|timeout)( after| waiting) 1ms", p.stderr, re.I), p.stderr[-3000:]
+    assert re.search(r"(timed out|timeout)\D{0,12}\b1 ?ms", p.stderr, re.I), p.stderr[-3000:]
