@@ -563,13 +563,17 @@ def extract_code(output: str, problem: dict) -> str:
     return code
 
 
-def option_nlls(model, tok, prompt: str, options: Sequence[str], batch_size: int = 16) -> list[tuple[float, int]]:
-    """(sum log-prob, tokens) of each option as the assistant's whole reply (end-of-turn included)."""
+def option_nlls(model, tok, prompt: str, options: Sequence[str]) -> list[tuple[float, int]]:
+    """(sum log-prob, tokens) of each option as the assistant's whole reply (end-of-turn included).
+
+    The options share the rendered question, which runs through the model once
+    (`perplexity.shared_prefix_nlls`; the same sums as scoring each option's whole chat).
+    """
     from data import render
-    from perplexity import example_nlls
+    from perplexity import shared_prefix_nlls
 
     rendered = [render(tok, prompt, opt) for opt in options]
-    return [(-e.nll, e.tokens) for e in example_nlls(model, rendered, tok.pad_id, batch_size)]
+    return [(-e.nll, e.tokens) for e in shared_prefix_nlls(model, rendered, tok.pad_id)]
 
 
 def evaluate_task(model, tok, task: str, n: int | None = None, examples=None, batch_size: int = 32,
@@ -601,7 +605,7 @@ def evaluate_task(model, tok, task: str, n: int | None = None, examples=None, ba
             from tqdm import tqdm
         for e in (tqdm(examples, desc=f"{task} (likelihood)", unit="q", file=sys.stderr) if progress else examples):
             scored = option_nlls(model, tok, e.question_with_options if hasattr(e, "question_with_options")
-                                 else e.prompt, e.choices, batch_size)
+                                 else e.prompt, e.choices)
             raw, norm = choice_logprobs(lambda _p, opt, _s=dict(zip(e.choices, scored)): _s[opt], e.prompt, e.choices)
             letters = "ABCDEFGHIJ"
             records.append({"id": e.id, "prompt": e.prompt, "options": e.choices,

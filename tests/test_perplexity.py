@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from model import Transformer
-from perplexity import dataset_perplexity
+from data import render
+from perplexity import dataset_perplexity, example_nlls, shared_prefix_nlls
 from tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -123,3 +124,33 @@ def test_real_smollm2_matches_independent_hf_computation(smollm2_dir):
         ppls.append(math.exp(nll / n))
         assert rel(e["ppl"], ppls[-1]) <= 1e-3
     assert rel(ours["mean_ppl"], sum(ppls) / len(ppls)) <= 1e-3
+
+
+REPLIES = ["Paris.", "Paris is the capital of France, on the Seine.", "7", "",
+           "Paris is a city."]  # shared first words, one empty reply (end-of-turn only)
+
+
+def test_shared_prefix_equals_whole_chats(tiny, monkeypatch):
+    """Options of one question scored with the question run once (multiple choice) give the
+    same sums as each whole chat scored alone, and the question really runs only once."""
+    _, model, tok = tiny
+    rendered = [render(tok, "What is the capital city of France?", r) for r in REPLIES]
+    plain = example_nlls(model, rendered, tok.pad_id, batch_size=1)
+    calls = []
+    real = model.hidden_states
+    monkeypatch.setattr(model, "hidden_states", lambda ids, *a, **k: calls.append(tuple(ids.shape)) or real(ids, *a, **k))
+    shared = shared_prefix_nlls(model, rendered, tok.pad_id)
+    first_target = min(r.mask.index(1) for r in rendered)
+    assert calls[0][0] == 1 and 0 < calls[0][1] <= first_target  # the prompt, once
+    assert calls[1][0] == len(REPLIES) and calls[1][1] == max(len(r.ids) for r in rendered) - calls[0][1]
+    assert len(calls) == 2
+    for a, b in zip(plain, shared):
+        assert (a.index, a.tokens) == (b.index, b.tokens)
+        assert rel(b.nll, a.nll) <= 1e-5
+
+
+def test_shared_prefix_of_one_rendering_is_the_plain_score(tiny):
+    _, model, tok = tiny
+    one = [render(tok, "What is 2 + 2?", "4")]
+    a, b = example_nlls(model, one, tok.pad_id), shared_prefix_nlls(model, one, tok.pad_id)
+    assert a[0].tokens == b[0].tokens and rel(b[0].nll, a[0].nll) <= 1e-5
