@@ -69,13 +69,21 @@ def response_nll(model, batch: Batch, chunk_tokens: int | None = None):
     hs = h[predicts[real]]  # (N, hidden), in the same row-major order as pred_mask
     labels = ids[:, 1:][pred_mask]  # (N,)
     rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(pred_mask)[pred_mask]  # (N,)
-    nll = torch.cat([
+    nll = target_nlls(model, hs, labels, chunk_tokens)  # (N,)
+    nll_sum = torch.zeros(ids.shape[0], device=ids.device, dtype=torch.float32).index_add_(0, rows, nll)
+    return nll_sum, pred_mask.sum(1)
+
+
+def target_nlls(model, hs, labels, chunk_tokens: int):
+    """-log p(label) for each hidden state (N, hidden) that predicts a label (N,) -> (N,) fp32,
+    through the vocabulary projection `chunk_tokens` positions at a time."""
+    if not hs.shape[0]:
+        return hs.new_zeros(0, dtype=torch.float32)
+    return torch.cat([
         F.cross_entropy(model.lm_head(hs[i:i + chunk_tokens]).float(), labels[i:i + chunk_tokens],
                         reduction="none")
         for i in range(0, hs.shape[0], chunk_tokens)
-    ]) if hs.shape[0] else hs.new_zeros(0, dtype=torch.float32)  # (N,)
-    nll_sum = torch.zeros(ids.shape[0], device=ids.device, dtype=torch.float32).index_add_(0, rows, nll)
-    return nll_sum, pred_mask.sum(1)
+    ])
 
 
 @dataclass
@@ -127,6 +135,8 @@ def shared_prefix_nlls(model, rendered: list[Rendered], pad_id: int) -> list[Exa
     from model import KVCache
 
     n = len(rendered)
+    if n == 0:
+        return []
     first_target = min(r.mask.index(1) if 1 in r.mask else len(r.ids) for r in rendered)
     L = 0  # the shared prefix's length
     while L < first_target and all(len(r.ids) > L and r.ids[L] == rendered[0].ids[L] for r in rendered):
@@ -153,8 +163,7 @@ def shared_prefix_nlls(model, rendered: list[Rendered], pad_id: int) -> list[Exa
     # comes after every real token.
     h_rest = model.hidden_states(ids, cache=cache)  # (n, T, hidden)
     predictors = torch.cat([h_prefix.expand(n, 1, -1), h_rest[:, :-1]], dim=1)  # (n, T, hidden)
-    logits = model.lm_head(predictors[targets]).float()  # (targets, vocab)
-    nll = F.cross_entropy(logits, ids[targets], reduction="none")  # (targets,)
+    nll = target_nlls(model, predictors[targets], ids[targets], head_chunk_rows(device))  # (targets,)
     rows = torch.arange(n, device=device)[:, None].expand(n, T)[targets]  # (targets,)
     sums = torch.zeros(n, device=device).index_add_(0, rows, nll).tolist()
     counts = targets.sum(1).tolist()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import Transformer
-from data import render
+from data import Rendered, render
 from perplexity import dataset_perplexity, example_nlls, shared_prefix_nlls
 from tokenizer import Tokenizer
 
@@ -126,31 +126,57 @@ def test_real_smollm2_matches_independent_hf_computation(smollm2_dir):
     assert rel(ours["mean_ppl"], sum(ppls) / len(ppls)) <= 1e-3
 
 
-REPLIES = ["Paris.", "Paris is the capital of France, on the Seine.", "7", "",
-           "Paris is a city."]  # shared first words, one empty reply (end-of-turn only)
+@pytest.fixture(scope="module")
+def sharp(tiny):
+    """The tiny model with every weight x10 (std ~0.2): confident predictions, so a wrong position,
+    shift or cache row moves a score by >5e-2 where the correct code differs by ~1e-7."""
+    import copy
+    model = copy.deepcopy(tiny[1])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(10)
+    return model, tiny[2]
 
 
-def test_shared_prefix_equals_whole_chats(tiny, monkeypatch):
+@pytest.mark.parametrize("replies", [
+    ["Paris.", "Paris is the capital of France, on the Seine.", "7", "", "Paris is a city."],  # an empty reply
+    ["Paris.", "Paris is a city.", "Paris is the capital of France."],  # the replies share their first words
+])
+def test_shared_prefix_equals_whole_chats(sharp, replies, monkeypatch):
     """Options of one question scored with the question run once (multiple choice) give the
-    same sums as each whole chat scored alone, and the question really runs only once."""
-    _, model, tok = tiny
-    rendered = [render(tok, "What is the capital city of France?", r) for r in REPLIES]
+    same sums as each whole chat scored alone, and the question really runs only once, cut
+    before the first scored token even where the replies begin alike."""
+    model, tok = sharp
+    rendered = [render(tok, "What is the capital city of France?", r) for r in replies]
     plain = example_nlls(model, rendered, tok.pad_id, batch_size=1)
     calls = []
     real = model.hidden_states
     monkeypatch.setattr(model, "hidden_states", lambda ids, *a, **k: calls.append(tuple(ids.shape)) or real(ids, *a, **k))
     shared = shared_prefix_nlls(model, rendered, tok.pad_id)
     first_target = min(r.mask.index(1) for r in rendered)
-    assert calls[0][0] == 1 and 0 < calls[0][1] <= first_target  # the prompt, once
-    assert calls[1][0] == len(REPLIES) and calls[1][1] == max(len(r.ids) for r in rendered) - calls[0][1]
+    assert calls[0] == (1, first_target)  # the prompt, once, up to the first scored token
+    assert calls[1] == (len(replies), max(len(r.ids) for r in rendered) - first_target)
     assert len(calls) == 2
     for a, b in zip(plain, shared):
         assert (a.index, a.tokens) == (b.index, b.tokens)
         assert rel(b.nll, a.nll) <= 1e-5
 
 
-def test_shared_prefix_of_one_rendering_is_the_plain_score(tiny):
-    _, model, tok = tiny
-    one = [render(tok, "What is 2 + 2?", "4")]
-    a, b = example_nlls(model, one, tok.pad_id), shared_prefix_nlls(model, one, tok.pad_id)
-    assert a[0].tokens == b[0].tokens and rel(b[0].nll, a[0].nll) <= 1e-5
+def test_shared_prefix_edge_cases(sharp):
+    """Hand-made renderings: one-token remainders (a one-token decoding step), a rendering with
+    no target and nothing after the prefix, a single rendering, none at all."""
+    model, tok = sharp
+    R = lambda ids, mask: Rendered(ids, mask)  # noqa: E731
+    cases = [
+        [R([5, 6, 7, 8, 9], [0, 0, 0, 0, 1]), R([5, 6, 7, 8, 10], [0, 0, 0, 0, 1])],
+        [R([5, 6, 7, 8, 9, 11], [0, 0, 0, 0, 1, 1]), R([5, 6, 7, 8], [0, 0, 0, 0]),
+         R([5, 6, 7, 8, 12], [0, 0, 0, 0, 1])],
+        [R([5, 6, 7, 9], [0, 0, 1, 1])],
+    ]
+    for rendered in cases:
+        plain = example_nlls(model, rendered, tok.pad_id, batch_size=1)
+        shared = shared_prefix_nlls(model, rendered, tok.pad_id)
+        for a, b in zip(plain, shared, strict=True):
+            assert a.tokens == b.tokens
+            assert a.nll == pytest.approx(b.nll, rel=1e-5, abs=1e-6)
+    assert shared_prefix_nlls(model, [], tok.pad_id) == []
