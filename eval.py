@@ -756,7 +756,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=None, help="first N test questions per task (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest generated answer")
     p.add_argument("--batch-size", type=int, default=32,
-                   help="prompts per generation or scoring batch (on a CPU 32 rows decode ~1.35x faster than 2 x 16)")
+                   help="prompts per generation batch (on a CPU 32 rows decode ~1.35x faster than 2 x 16); "
+                        "multiple choice scores one question's options at a time")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype")
     p.add_argument("--device", default=None, help="cpu, cuda or mps (default: best available)")
     p.add_argument("--out", default=None,

@@ -68,22 +68,20 @@ def response_nll(model, batch: Batch, chunk_tokens: int | None = None):
     predicts = F.pad(pred_mask, (0, 1))  # (B, T): position t predicts a target
     hs = h[predicts[real]]  # (N, hidden), in the same row-major order as pred_mask
     labels = ids[:, 1:][pred_mask]  # (N,)
-    rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(pred_mask)[pred_mask]  # (N,)
-    nll = target_nlls(model, hs, labels, chunk_tokens)  # (N,)
-    nll_sum = torch.zeros(ids.shape[0], device=ids.device, dtype=torch.float32).index_add_(0, rows, nll)
-    return nll_sum, pred_mask.sum(1)
+    return row_nll_sums(model, hs, labels, pred_mask, chunk_tokens), pred_mask.sum(1)
 
 
-def target_nlls(model, hs, labels, chunk_tokens: int):
-    """-log p(label) for each hidden state (N, hidden) that predicts a label (N,) -> (N,) fp32,
-    through the vocabulary projection `chunk_tokens` positions at a time."""
-    if not hs.shape[0]:
-        return hs.new_zeros(0, dtype=torch.float32)
-    return torch.cat([
+def row_nll_sums(model, hs, labels, where, chunk_tokens: int):
+    """Summed -log p(label) per row (B,) fp32. `where` (B, T) bool marks the scored positions;
+    hs (N, hidden) and labels (N,) are those positions' predicting hidden states and tokens, in
+    row-major order. The vocabulary projection runs `chunk_tokens` positions at a time."""
+    nll = torch.cat([
         F.cross_entropy(model.lm_head(hs[i:i + chunk_tokens]).float(), labels[i:i + chunk_tokens],
                         reduction="none")
         for i in range(0, hs.shape[0], chunk_tokens)
-    ])
+    ]) if hs.shape[0] else hs.new_zeros(0, dtype=torch.float32)  # (N,)
+    rows = torch.arange(where.shape[0], device=where.device)[:, None].expand_as(where)[where]  # (N,)
+    return torch.zeros(where.shape[0], device=where.device, dtype=torch.float32).index_add_(0, rows, nll)
 
 
 @dataclass
@@ -143,9 +141,10 @@ def shared_prefix_nlls(model, rendered: list[Rendered], pad_id: int) -> list[Exa
         L += 1
     T = max(len(r.ids) for r in rendered) - L  # the longest remainder
     if L == 0 or n == 1 or T == 0:  # nothing shared, or nothing after it: the plain way
-        return example_nlls(model, rendered, pad_id, batch_size=max(n, 1))
+        return example_nlls(model, rendered, pad_id, batch_size=n)
     device, dtype = model.device, model.dtype
     prefix = torch.tensor([rendered[0].ids[:L]], device=device)  # (1, L)
+    # Not data.collate: it never scores a row's first token, and here that is the first reply token.
     ids = torch.full((n, T), pad_id, dtype=torch.long)  # (n, T) remainders, right-padded
     targets = torch.zeros(n, T, dtype=torch.bool)  # (n, T) True where the token is scored
     for b, r in enumerate(rendered):
@@ -163,9 +162,7 @@ def shared_prefix_nlls(model, rendered: list[Rendered], pad_id: int) -> list[Exa
     # comes after every real token.
     h_rest = model.hidden_states(ids, cache=cache)  # (n, T, hidden)
     predictors = torch.cat([h_prefix.expand(n, 1, -1), h_rest[:, :-1]], dim=1)  # (n, T, hidden)
-    nll = target_nlls(model, predictors[targets], ids[targets], head_chunk_rows(device))  # (targets,)
-    rows = torch.arange(n, device=device)[:, None].expand(n, T)[targets]  # (targets,)
-    sums = torch.zeros(n, device=device).index_add_(0, rows, nll).tolist()
+    sums = row_nll_sums(model, predictors[targets], ids[targets], targets, head_chunk_rows(device)).tolist()
     counts = targets.sum(1).tolist()
     return [ExampleNLL(i, t, s) for i, (t, s) in enumerate(zip(counts, sums))]
 

@@ -166,12 +166,11 @@ def test_shared_prefix_edge_cases(sharp):
     """Hand-made renderings: one-token remainders (a one-token decoding step), a rendering with
     no target and nothing after the prefix, a single rendering, none at all."""
     model, tok = sharp
-    R = lambda ids, mask: Rendered(ids, mask)  # noqa: E731
     cases = [
-        [R([5, 6, 7, 8, 9], [0, 0, 0, 0, 1]), R([5, 6, 7, 8, 10], [0, 0, 0, 0, 1])],
-        [R([5, 6, 7, 8, 9, 11], [0, 0, 0, 0, 1, 1]), R([5, 6, 7, 8], [0, 0, 0, 0]),
-         R([5, 6, 7, 8, 12], [0, 0, 0, 0, 1])],
-        [R([5, 6, 7, 9], [0, 0, 1, 1])],
+        [Rendered([5, 6, 7, 8, 9], [0, 0, 0, 0, 1]), Rendered([5, 6, 7, 8, 10], [0, 0, 0, 0, 1])],
+        [Rendered([5, 6, 7, 8, 9, 11], [0, 0, 0, 0, 1, 1]), Rendered([5, 6, 7, 8], [0, 0, 0, 0]),
+         Rendered([5, 6, 7, 8, 12], [0, 0, 0, 0, 1])],
+        [Rendered([5, 6, 7, 9], [0, 0, 1, 1])],
     ]
     for rendered in cases:
         plain = example_nlls(model, rendered, tok.pad_id, batch_size=1)
