@@ -10,10 +10,11 @@ Deviations from HF transformers, all deliberate:
 - One class for all three architectures; the differences are config fields (bias, tied head).
 - Attention goes through `scaled_dot_product_attention`; `attn_impl="math"` is the textbook
   softmax(QK^T/sqrt(d))V path that a test uses to check it.
-- The linear layers are `Linear`, an nn.Linear whose few-row CPU products (decoding steps) take
-  faster routes to the same sums: one fp32 row as W's two halves in a batched product, 2-64
-  fp32 rows as W @ x^T, 1-2 bf16 rows with oneDNN switched off; same weights, same state-dict
-  keys. One sequence decoding on CPU runs its attention as SDPA in fp32.
+- The linear layers are `Linear`, an nn.Linear whose CPU products without gradients (decoding
+  steps, scoring) take faster routes to the same sums: a copy of W kept in oneDNN's layout for
+  several rows, W's two halves in a batched product for one fp32 row, oneDNN switched off for
+  1-2 bf16 rows; same weights, same state-dict keys. One sequence decoding on CPU runs its
+  attention as SDPA in fp32.
 - Training and scoring drop the right padding before the first layer (`Packing`): the layers run
   on the real tokens only, and attention alone scatters them back onto the (B, T) grid.
 - Mistral's sliding window is not implemented: a sequence longer than the window fails loudly
@@ -33,6 +34,7 @@ import json
 import math
 import os
 import sys
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -181,36 +183,98 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def _physical_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system: assume 16 GiB
+        return 16 << 30
+
+
+_onednn_copy_bytes = [0]  # bytes held by all Linears' oneDNN-layout weight copies, this process
+
+
+def _release_onednn_copy(nbytes: int) -> None:
+    _onednn_copy_bytes[0] -= nbytes
+
+
 class Linear(nn.Linear):
-    """nn.Linear with CPU fast paths for products of a few rows (decoding).
+    """nn.Linear with CPU fast paths for products that need no gradient, mostly decoding steps.
 
     A decoding step multiplies one row per sequence by every weight matrix, so it is bound by how
     fast the weights stream from memory. The kernels torch picks by default on this machine (MKL
     for fp32, oneDNN for bf16, on an AMD EPYC) are slow at exactly that; the same sums in another
     order or by another kernel are faster (tests/test_fast_paths.py compares each with F.linear):
+    - fp32 from 2 rows, bf16 from 3 rows, no gradient needed: oneDNN's product on a copy of W
+      laid out once in oneDNN's own blocked format (`onednn_weight`; the two ops are the ones
+      torch.compile's CPU backend uses for frozen weights). F.linear re-lays a bf16 W out on every
+      call, and MKL's fp32 kernel streams W poorly at a few rows. A decoding step of 16 rows,
+      SmolLM2-135M: fp32 ~89 -> ~62 ms, bf16 ~61 -> ~50 ms (measured back to back); prompts of
+      thousands of tokens gain ~10% in fp32 and nothing in bf16. bf16 gives F.linear's result bit
+      for bit here, fp32 differs by rounding. The copy costs W's size again in memory, so copies
+      stop at `onednn_copy_budget_bytes` (a quarter of the machine's memory; layers past it take
+      the paths below). It is remade when W changes in place through autograd-visible ops (LoRA's
+      merge, an optimizer step, load_state_dict); a write through `W.data` is not seen.
     - fp32, 1 row: W seen as two stacked halves, a batch of two products (2, out/2, in) @
       (2, in, 1). The batched kernel streams W at ~23 GB/s on one core and ~30 GB/s on two, the
       plain vector product at ~11 GB/s (a 113 MB head: 10.3 -> 3.6 ms); fp32 generation at
-      batch 1 runs ~1.9x faster (measured back to back, SmolLM2-135M).
-    - fp32, 2 to 64 rows: the transposed product W @ x^T (fp32 generation +16% at batch 16 and
-      +50% at batch 4). Two halves gain nothing here.
+      batch 1 runs ~1.9x faster (measured back to back, SmolLM2-135M). The oneDNN copy is
+      slower than this at one row (a step 27 -> 38 ms).
+    - fp32, 2 to 64 rows that cannot take the oneDNN copy (a gradient is needed, or over the
+      budget): the transposed product W @ x^T (fp32 generation +16% at batch 16 and +50% at
+      batch 4). Two halves gain nothing here.
     - bf16, 1 or 2 rows: F.linear with oneDNN switched off for the call, so torch's own bf16
       vector kernel runs (fp32 sums, like oneDNN's): ~30 GB/s where oneDNN streams ~15 GB/s and
-      pays ~30 us a call; bf16 generation at batch 1 runs ~1.65x faster, at batch 2 +26%. At 3
-      rows the gain was +4%, within the noise, and from 4 rows on oneDNN is faster (at 16 rows
-      3.6x), so only 1-2 rows.
-    Many rows (prompts, training) are level either way, so they take F.linear.
+      pays ~30 us a call; bf16 generation at batch 1 runs ~1.65x faster, at batch 2 +26%.
+    Products with a gradient (training) take F.linear: level with the alternatives at many rows.
     """
 
+    onednn_copy_from_rows = {torch.float32: 2, torch.bfloat16: 3}  # {}: never (tests compare)
+    onednn_copy_budget_bytes = _physical_memory_bytes() // 4
     few_rows = (2, 64)  # fp32 rows that take W @ x^T
     one_row_halves = True  # False: one fp32 row takes F.linear (tests compare the two)
     bf16_rows_without_onednn = 2  # 0: bf16 always takes oneDNN (tests compare the two)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._onednn_copy = None  # (weakref to W, W's version key, copy), made on first use
+
+    def __getstate__(self):  # copy.deepcopy, pickle, torch.save: oneDNN's copy cannot be copied
+        return {**self.__dict__, "_onednn_copy": None}  # and is remade on first use
+
+    def onednn_weight(self):
+        """W in oneDNN's layout; made on first use and again after W changed. None when this
+        machine's oneDNN has no kernel for W's dtype or the copy would pass the budget."""
+        W = self.weight
+        key = (W._version, W.data_ptr(), W.dtype, tuple(W.shape))  # in-place writes bump _version
+        cached = self._onednn_copy
+        if cached is not None and cached[0]() is W and cached[1] == key:
+            return cached[2]
+        self._onednn_copy = None  # the stale copy goes first: its bytes return to the budget
+        if W.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return None
+        nbytes = W.numel() * W.element_size()
+        if _onednn_copy_bytes[0] + nbytes > self.onednn_copy_budget_bytes:
+            return None
+        # 16: the row count oneDNN tunes the layout for; 1 to 512 rows all ran as fast with it.
+        copy = torch.ops.mkldnn._reorder_linear_weight(W.detach(), 16)
+        _onednn_copy_bytes[0] += nbytes
+        weakref.finalize(copy, _release_onednn_copy, nbytes)  # freed with the copy
+        self._onednn_copy = (weakref.ref(W), key, copy)
+        return copy
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
         W, b = self.weight, self.bias  # (out, in), (out,) or None
         if x.device.type != "cpu":
             return F.linear(x, W, b)
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or W.requires_grad
+                                                  or (b is not None and b.requires_grad))
+        if (rows >= self.onednn_copy_from_rows.get(x.dtype, math.inf) and not needs_grad
+                and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+            copy = self.onednn_weight()
+            if copy is not None:
+                y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), copy, b, "none", [], "")
+                return y.reshape(*x.shape[:-1], -1)  # (rows, out) -> (..., out)
         if x.dtype == torch.bfloat16:
             if rows > self.bf16_rows_without_onednn or torch.backends.flags_frozen():
                 return F.linear(x, W, b)  # (frozen by disable_global_flags: cannot switch)

@@ -12,9 +12,10 @@ Correctness only, never speed (bench.py measures speed). The fast paths checked:
 - bf16 CPU decoding reading the whole KV cache vs in blocks of 64 positions (same tokens);
 - one sequence decoding on CPU (SDPA in fp32 over exactly the cached positions) vs the batch path,
   including a left-padded row left alone after its batch-mate stopped;
-- model.Linear's fp32 products for one row (W as two halves) and a few rows (W @ x^T), and its
-  bf16 products of 1-2 rows without oneDNN, vs F.linear, alone and through whole generations at
-  batch 1, 2 and 6;
+- model.Linear's products on W's oneDNN copy (no gradient: fp32 from 2 rows, bf16 from 3), its
+  fp32 products for one row (W as two halves) and a few rows (W @ x^T), and its bf16 products of
+  1-2 rows without oneDNN, vs F.linear, alone and through whole generations at batch 1, 2 and 6;
+  when the copy is used, remade and freed;
 - greedy picks on widened bf16 logits vs bf16's own argmax (ties included);
 - top-p sampling through the top-256 shortcut vs a full-sort nucleus written here, including a
   nucleus that needs more than 256 tokens;
@@ -338,6 +339,7 @@ def test_linear_few_rows_equals_f_linear(rows, bias, monkeypatch):
     if bias:
         torch.nn.init.normal_(layer.bias)
     x = torch.randn(rows, 1, 96)  # a decoding step's shape: (B, 1, in)
+    monkeypatch.setattr(model_mod.Linear, "onednn_copy_from_rows", {})  # tested on its own below
     bmm_calls = []
     real_bmm = torch.bmm
     monkeypatch.setattr(torch, "bmm", lambda *a: bmm_calls.append(a[0].shape) or real_bmm(*a))
@@ -411,12 +413,127 @@ def test_linear_bf16_one_row_with_frozen_backend_flags(monkeypatch):
     assert torch.equal(layer(x), F.linear(x, layer.weight))
 
 
+def onednn_calls(monkeypatch) -> list:
+    """Records each oneDNN product on a laid-out copy (the op model.Linear calls)."""
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda x, *a: calls.append(tuple(x.shape)) or real(x, *a))
+    return calls
+
+
+@pytest.mark.parametrize("dtype,rows", [(torch.float32, 2), (torch.float32, 16), (torch.float32, 300),
+                                        (torch.bfloat16, 3), (torch.bfloat16, 16), (torch.bfloat16, 300)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_onednn_copy_equals_f_linear(dtype, rows, bias, monkeypatch):
+    """Without gradients, fp32 from 2 rows and bf16 from 3 rows multiply by W's oneDNN copy: equal
+    to F.linear up to rounding (bias included), in the input's shape; the copy is made once and
+    reused by later calls."""
+    torch.manual_seed(rows)
+    layer = model_mod.Linear(96, 160, bias=bias).to(dtype).requires_grad_(False)
+    if bias:
+        torch.nn.init.normal_(layer.bias)
+    x = torch.randn(rows, 1, 96).to(dtype)  # (B, 1, in): a decoding step, or a prompt's rows
+    calls = onednn_calls(monkeypatch)
+    with torch.no_grad():
+        out, again = layer(x), layer(x[:2 if dtype == torch.float32 else 3])
+    copy = layer.onednn_weight()
+    monkeypatch.undo()
+    assert calls == [(rows, 96), (2 if dtype == torch.float32 else 3, 96)]
+    assert copy is layer._onednn_copy[2] and copy is layer.onednn_weight()  # made once, kept
+    ref = F.linear(x, layer.weight, layer.bias)
+    assert out.shape == ref.shape == (rows, 1, 160) and out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert (out.float() - ref.float()).abs().max().item() <= tol * ref.float().abs().max().item()
+    assert torch.equal(again, out[:again.shape[0]])
+
+
+@pytest.mark.parametrize("case", ["grad-enabled-trainable-W", "input-needs-grad", "too-few-rows-fp32",
+                                  "too-few-rows-bf16", "fp16", "onednn-switched-off", "over-budget"])
+def test_linear_onednn_copy_only_where_it_applies(case, monkeypatch):
+    """Products that need a gradient (the copy has no backward), fp32 rows below 2, bf16 below 3,
+    other dtypes, oneDNN switched off by the user, and layers past the memory budget all take
+    the other paths, and give F.linear's result (up to rounding)."""
+    dtype = {"too-few-rows-bf16": torch.bfloat16, "fp16": torch.float16}.get(case, torch.float32)
+    rows = {"too-few-rows-fp32": 1, "too-few-rows-bf16": 2}.get(case, 8)
+    layer = model_mod.Linear(96, 160, bias=True).to(dtype).requires_grad_(case == "grad-enabled-trainable-W")
+    x = torch.randn(rows, 96).to(dtype).requires_grad_(case == "input-needs-grad")
+    if case == "onednn-switched-off":
+        monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    if case == "over-budget":
+        monkeypatch.setattr(model_mod.Linear, "onednn_copy_budget_bytes", model_mod._onednn_copy_bytes[0])
+    calls = onednn_calls(monkeypatch)
+    with torch.set_grad_enabled(case in ("grad-enabled-trainable-W", "input-needs-grad")):
+        out = layer(x)
+    assert calls == [] and layer._onednn_copy is None
+    ref = F.linear(x.detach(), layer.weight.detach(), layer.bias.detach())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (out.detach().float() - ref.float()).abs().max().item() <= tol * ref.float().abs().max().item()
+    if out.requires_grad:  # and its gradient is F.linear's
+        out.sum().backward()
+        grad = x.grad if case == "input-needs-grad" else layer.weight.grad
+        assert grad is not None and grad.abs().sum() > 0
+
+
+def test_linear_onednn_copy_follows_changes_to_the_weight():
+    """The copy is remade when W changes: in place under no_grad (as LoRA's merge and
+    load_state_dict write), when the layer changes dtype, and when the parameter is replaced."""
+    torch.manual_seed(0)
+    layer = model_mod.Linear(96, 160, bias=False).requires_grad_(False)
+    x = torch.randn(8, 96)
+
+    def check():
+        with torch.no_grad():
+            out = layer(x)
+        ref = F.linear(x.to(layer.weight.dtype), layer.weight)
+        tol = 1e-5 if layer.weight.dtype == torch.float32 else 1e-2
+        assert (out.float() - ref.float()).abs().max().item() <= tol * ref.float().abs().max().item()
+        return layer._onednn_copy[2]
+
+    first = check()
+    with torch.no_grad():
+        layer.weight.mul_(-2.0)
+    second = check()
+    assert second is not first
+    layer.load_state_dict({"weight": torch.randn(160, 96)})
+    third = check()
+    layer.to(torch.bfloat16)
+    x = x.bfloat16()
+    assert check().dtype == torch.bfloat16
+    layer.weight = torch.nn.Parameter(torch.randn(160, 96, dtype=torch.bfloat16), requires_grad=False)
+    check()
+    assert third is not second
+
+
+def test_linear_onednn_copies_count_against_the_budget_and_are_freed(monkeypatch):
+    """Each copy adds W's bytes to the process-wide count; a layer whose copy would pass the
+    budget takes the other paths; a freed layer gives its bytes back; copying the model (deepcopy,
+    pickle) leaves the oneDNN copy behind (it cannot be copied) and the copy is made again there."""
+    import copy
+    import pickle
+
+    before = model_mod._onednn_copy_bytes[0]
+    a, b = (model_mod.Linear(96, 160, bias=False).requires_grad_(False) for _ in range(2))
+    monkeypatch.setattr(model_mod.Linear, "onednn_copy_budget_bytes", before + 160 * 96 * 4)  # room for one
+    x = torch.randn(4, 96)
+    with torch.no_grad():
+        a(x), b(x)
+    assert a._onednn_copy is not None and b._onednn_copy is None
+    assert model_mod._onednn_copy_bytes[0] == before + 160 * 96 * 4
+    for twin in (copy.deepcopy(a), pickle.loads(pickle.dumps(a))):
+        assert twin._onednn_copy is None and torch.equal(twin.weight, a.weight)
+    del a
+    assert model_mod._onednn_copy_bytes[0] == before
+    with torch.no_grad():
+        b(x)  # now there is room
+    assert b._onednn_copy is not None
+
+
 @pytest.mark.parametrize("lengths", [(5, 9, 2, 7, 12, 4), (9,), (9, 4)], ids=["batch6", "batch1", "batch2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_generate_same_tokens_with_and_without_few_rows_paths(monkeypatch, lengths, dtype):
-    """Greedy decoding of 6, 1 and 2 prompts: fp32 takes W @ x^T (2+ rows) or W as two halves
-    (1 row), bf16 takes its own vector kernel (1-2 rows). The fast paths change only rounding,
-    so the greedy tokens are those of plain F.linear everywhere."""
+    """Greedy decoding of 6, 1 and 2 prompts: fp32 takes the oneDNN copy (2+ rows) or W as two
+    halves (1 row), bf16 takes its own vector kernel (1-2 rows) or the oneDNN copy (3+). The fast
+    paths change only rounding, so the greedy tokens are those of plain F.linear everywhere."""
     m = tiny_model(n_kv=2, seed=9).to(dtype)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in lengths]
@@ -424,6 +541,7 @@ def test_generate_same_tokens_with_and_without_few_rows_paths(monkeypatch, lengt
     monkeypatch.setattr(model_mod.Linear, "few_rows", (10**9, 0))  # an empty range
     monkeypatch.setattr(model_mod.Linear, "one_row_halves", False)
     monkeypatch.setattr(model_mod.Linear, "bf16_rows_without_onednn", 0)  # F.linear always
+    monkeypatch.setattr(model_mod.Linear, "onednn_copy_from_rows", {})
     plain = generate(m, prompts, max_new_tokens=12)
     assert fast == plain and all(len(o) == 12 for o in fast)
 
