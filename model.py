@@ -204,16 +204,18 @@ class Linear(nn.Linear):
     fast the weights stream from memory. The kernels torch picks by default on this machine (MKL
     for fp32, oneDNN for bf16, on an AMD EPYC) are slow at exactly that; the same sums in another
     order or by another kernel are faster (tests/test_fast_paths.py compares each with F.linear):
-    - fp32 from 2 rows, bf16 from 3 rows, no gradient needed: oneDNN's product on a copy of W
-      laid out once in oneDNN's own blocked format (`onednn_weight`; the two ops are the ones
+    - fp32 2-64 rows, bf16 3-64 rows, no gradient needed: oneDNN's product on a copy of W laid
+      out once in oneDNN's own blocked format (`onednn_weight`; the two ops are the ones
       torch.compile's CPU backend uses for frozen weights). F.linear re-lays a bf16 W out on every
       call, and MKL's fp32 kernel streams W poorly at a few rows. A decoding step of 16 rows,
-      SmolLM2-135M: fp32 ~89 -> ~62 ms, bf16 ~61 -> ~50 ms (measured back to back); prompts of
-      thousands of tokens gain ~10% in fp32 and nothing in bf16. bf16 gives F.linear's result bit
-      for bit here, fp32 differs by rounding. The copy costs W's size again in memory, so copies
-      stop at `onednn_copy_budget_bytes` (a quarter of the machine's memory; layers past it take
-      the paths below). It is remade when W changes in place through autograd-visible ops (LoRA's
-      merge, an optimizer step, load_state_dict); a write through `W.data` is not seen.
+      SmolLM2-135M: fp32 ~89 -> ~64 ms, bf16 ~61 -> ~51 ms; 32 rows 138 -> 105 / 92 -> 69 ms
+      (measured back to back). bf16 gives F.linear's result bit for bit here, fp32 differs by
+      rounding. The copy costs W's size again in memory, so prompts (more than 64 rows: fp32
+      gains ~10% there, bf16 nothing) do not make it, a batch-1 generation never holds one, and
+      copies stop at `onednn_copy_budget_bytes` (a quarter of the machine's memory; layers past
+      it take the paths below). It is remade when W changes in place through autograd-visible
+      ops (LoRA's merge, an optimizer step, load_state_dict); a write through `W.data` is not
+      seen.
     - fp32, 1 row: W seen as two stacked halves, a batch of two products (2, out/2, in) @
       (2, in, 1). The batched kernel streams W at ~23 GB/s on one core and ~30 GB/s on two, the
       plain vector product at ~11 GB/s (a 113 MB head: 10.3 -> 3.6 ms); fp32 generation at
@@ -228,7 +230,7 @@ class Linear(nn.Linear):
     Products with a gradient (training) take F.linear: level with the alternatives at many rows.
     """
 
-    onednn_copy_from_rows = {torch.float32: 2, torch.bfloat16: 3}  # {}: never (tests compare)
+    onednn_copy_rows = {torch.float32: (2, 64), torch.bfloat16: (3, 64)}  # {}: never (tests compare)
     onednn_copy_budget_bytes = _physical_memory_bytes() // 4
     few_rows = (2, 64)  # fp32 rows that take W @ x^T
     one_row_halves = True  # False: one fp32 row takes F.linear (tests compare the two)
@@ -269,7 +271,8 @@ class Linear(nn.Linear):
             return F.linear(x, W, b)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or W.requires_grad
                                                   or (b is not None and b.requires_grad))
-        if (rows >= self.onednn_copy_from_rows.get(x.dtype, math.inf) and not needs_grad
+        lo, hi = self.onednn_copy_rows.get(x.dtype, (1, 0))
+        if (lo <= rows <= hi and not needs_grad
                 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
             copy = self.onednn_weight()
             if copy is not None:

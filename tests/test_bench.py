@@ -30,7 +30,7 @@ def test_forward_flops_match_torch_flop_counter(tmp_path, monkeypatch):
     attention count is torch's full T x T count scaled to the causal half bench.py uses."""
     # torch's counter has no formula for oneDNN's product on a laid-out weight copy (the same
     # products, another kernel), so the layers take F.linear here.
-    monkeypatch.setattr(model_mod.Linear, "onednn_copy_from_rows", {})
+    monkeypatch.setattr(model_mod.Linear, "onednn_copy_rows", {})
     folder = tiny_folder(tmp_path)
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_json(folder / "config.json")).eval()

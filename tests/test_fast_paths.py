@@ -12,7 +12,7 @@ Correctness only, never speed (bench.py measures speed). The fast paths checked:
 - bf16 CPU decoding reading the whole KV cache vs in blocks of 64 positions (same tokens);
 - one sequence decoding on CPU (SDPA in fp32 over exactly the cached positions) vs the batch path,
   including a left-padded row left alone after its batch-mate stopped;
-- model.Linear's products on W's oneDNN copy (no gradient: fp32 from 2 rows, bf16 from 3), its
+- model.Linear's products on W's oneDNN copy (no gradient, fp32 2-64 rows, bf16 3-64), its
   fp32 products for one row (W as two halves) and a few rows (W @ x^T), and its bf16 products of
   1-2 rows without oneDNN, vs F.linear, alone and through whole generations at batch 1, 2 and 6;
   when the copy is used, remade and freed;
@@ -339,7 +339,7 @@ def test_linear_few_rows_equals_f_linear(rows, bias, monkeypatch):
     if bias:
         torch.nn.init.normal_(layer.bias)
     x = torch.randn(rows, 1, 96)  # a decoding step's shape: (B, 1, in)
-    monkeypatch.setattr(model_mod.Linear, "onednn_copy_from_rows", {})  # tested on its own below
+    monkeypatch.setattr(model_mod.Linear, "onednn_copy_rows", {})  # tested on its own below
     bmm_calls = []
     real_bmm = torch.bmm
     monkeypatch.setattr(torch, "bmm", lambda *a: bmm_calls.append(a[0].shape) or real_bmm(*a))
@@ -421,12 +421,12 @@ def onednn_calls(monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("dtype,rows", [(torch.float32, 2), (torch.float32, 16), (torch.float32, 300),
-                                        (torch.bfloat16, 3), (torch.bfloat16, 16), (torch.bfloat16, 300)])
+@pytest.mark.parametrize("dtype,rows", [(torch.float32, 2), (torch.float32, 16), (torch.float32, 64),
+                                        (torch.bfloat16, 3), (torch.bfloat16, 16), (torch.bfloat16, 64)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_onednn_copy_equals_f_linear(dtype, rows, bias, monkeypatch):
-    """Without gradients, fp32 from 2 rows and bf16 from 3 rows multiply by W's oneDNN copy: equal
-    to F.linear up to rounding (bias included), in the input's shape; the copy is made once and
+    """Without gradients, 2-64 fp32 rows and 3-64 bf16 rows multiply by W's oneDNN copy: equal to
+    F.linear up to rounding (bias included), in the input's shape; the copy is made once and
     reused by later calls."""
     torch.manual_seed(rows)
     layer = model_mod.Linear(96, 160, bias=bias).to(dtype).requires_grad_(False)
@@ -448,13 +448,15 @@ def test_linear_onednn_copy_equals_f_linear(dtype, rows, bias, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["grad-enabled-trainable-W", "input-needs-grad", "too-few-rows-fp32",
-                                  "too-few-rows-bf16", "fp16", "onednn-switched-off", "over-budget"])
+                                  "too-few-rows-bf16", "too-many-rows", "fp16", "onednn-switched-off",
+                                  "over-budget"])
 def test_linear_onednn_copy_only_where_it_applies(case, monkeypatch):
     """Products that need a gradient (the copy has no backward), fp32 rows below 2, bf16 below 3,
-    other dtypes, oneDNN switched off by the user, and layers past the memory budget all take
-    the other paths, and give F.linear's result (up to rounding)."""
+    more than 64 rows (prompts: a batch-1 generation then never makes copies), other dtypes,
+    oneDNN switched off by the user, and layers past the memory budget all take the other paths,
+    and give F.linear's result (up to rounding)."""
     dtype = {"too-few-rows-bf16": torch.bfloat16, "fp16": torch.float16}.get(case, torch.float32)
-    rows = {"too-few-rows-fp32": 1, "too-few-rows-bf16": 2}.get(case, 8)
+    rows = {"too-few-rows-fp32": 1, "too-few-rows-bf16": 2, "too-many-rows": 65}.get(case, 8)
     layer = model_mod.Linear(96, 160, bias=True).to(dtype).requires_grad_(case == "grad-enabled-trainable-W")
     x = torch.randn(rows, 96).to(dtype).requires_grad_(case == "input-needs-grad")
     if case == "onednn-switched-off":
@@ -541,7 +543,7 @@ def test_generate_same_tokens_with_and_without_few_rows_paths(monkeypatch, lengt
     monkeypatch.setattr(model_mod.Linear, "few_rows", (10**9, 0))  # an empty range
     monkeypatch.setattr(model_mod.Linear, "one_row_halves", False)
     monkeypatch.setattr(model_mod.Linear, "bf16_rows_without_onednn", 0)  # F.linear always
-    monkeypatch.setattr(model_mod.Linear, "onednn_copy_from_rows", {})
+    monkeypatch.setattr(model_mod.Linear, "onednn_copy_rows", {})
     plain = generate(m, prompts, max_new_tokens=12)
     assert fast == plain and all(len(o) == 12 for o in fast)
 
