@@ -678,6 +678,23 @@ def test_response_nll_equals_masked_full_cross_entropy(chunk):
     assert (nll - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
 
 
+@pytest.mark.parametrize("targets,chunks", [(70, [70]), (129, [129]), (192, [192]), (193, [128, 65]),
+                                            (300, [128, 172])])
+def test_response_nll_head_chunks_leave_no_small_leftover(targets, chunks):
+    """Scoring runs the head 128 positions at a time, and a leftover of at most 64 joins the last
+    chunk: no chunk of 2-64 rows, so scoring never makes model.Linear keep its oneDNN copy of
+    the head (a decoding-step cost). The values are checked in the test above."""
+    m = tiny_model(n_kv=2, seed=1)
+    ids = ids_of((1, targets + 1), 8)
+    batch = Batch(ids, torch.ones(1, targets + 1, dtype=torch.bool), torch.tensor([targets + 1]))
+    rows = []
+    m.lm_head.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+    with torch.no_grad():
+        response_nll(m, batch, chunk_tokens=128)
+    assert rows == chunks
+    assert m.lm_head._onednn_copy is None
+
+
 @pytest.mark.parametrize("lengths", [[9, 23, 4, 17], [23, 23, 23, 23]], ids=["padded", "no-padding"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_rows_equal_padded_batch(dtype, lengths):
