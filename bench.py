@@ -33,7 +33,8 @@ return freed heap to the OS (malloc_trim), reset the kernel's peak counter (/pro
 "5") and read VmHWM after the row; where the reset is not allowed we fall back to ru_maxrss, which
 then also holds the loading peak. On CUDA, max_memory_allocated minus memory_allocated before the
 row (tensors only, not the caching allocator's reserve). It is activation + optimizer memory, not
-the model's weights (printed separately as "model MB").
+the model's weights (printed separately as "model MB"), except that our batched CPU generation
+also holds a second copy of the weights in oneDNN's layout (model.Linear), made in the row.
 
 FLOPs ("model FLOPs": the work the task needs, the same count for both implementations, so the
 ratio of achieved FLOP/s equals the ratio of speeds):

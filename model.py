@@ -204,25 +204,27 @@ class Linear(nn.Linear):
     fast the weights stream from memory. The kernels torch picks by default on this machine (MKL
     for fp32, oneDNN for bf16, on an AMD EPYC) are slow at exactly that; the same sums in another
     order or by another kernel are faster (tests/test_fast_paths.py compares each with F.linear):
-    - fp32 2-64 rows, bf16 3-64 rows, no gradient needed: oneDNN's product on a copy of W laid
-      out once in oneDNN's own blocked format (`onednn_weight`; the two ops are the ones
-      torch.compile's CPU backend uses for frozen weights). F.linear re-lays a bf16 W out on every
-      call, and MKL's fp32 kernel streams W poorly at a few rows. A decoding step of 16 rows,
-      SmolLM2-135M: fp32 ~89 -> ~64 ms, bf16 ~61 -> ~51 ms; 32 rows 138 -> 105 / 92 -> 69 ms
-      (measured back to back). bf16 gives F.linear's result bit for bit here, fp32 differs by
-      rounding. The copy costs W's size again in memory, so prompts (more than 64 rows: fp32
-      gains ~10% there, bf16 nothing) do not make it, a batch-1 generation never holds one, and
-      copies stop at `onednn_copy_budget_bytes` (a quarter of the machine's memory; layers past
-      it take the paths below). It is remade when W changes in place through autograd-visible
-      ops (LoRA's merge, an optimizer step, load_state_dict); a write through `W.data` is not
-      seen.
+    - decoding steps of 2-64 rows in fp32, 3-64 in bf16 (x of shape (B, 1, in)), no gradient
+      needed: oneDNN's product on a copy of W laid out once in oneDNN's own blocked format
+      (`onednn_weight`; the two ops are the ones torch.compile's CPU backend uses for frozen
+      weights). F.linear re-lays a bf16 W out on every call, and MKL's fp32 kernel streams W
+      poorly at a few rows. A decoding step of 16 rows, SmolLM2-135M: fp32 ~89 -> ~64 ms, bf16
+      ~61 -> ~51 ms; 32 rows 138 -> 105 / 92 -> 69 ms (measured back to back). bf16 results
+      matched F.linear's bit for bit on this machine, fp32 ones differ by rounding (the tests
+      allow rounding in both). The copy costs W's size again in memory, so only decoding steps
+      make it: prompts and scoring (several tokens per row; fp32 would gain ~10% there, bf16
+      nothing) and batch-1 generation never hold one, and copies stop at
+      `onednn_copy_budget_bytes` (a quarter of the machine's memory; layers past it take the
+      paths below). It is remade when W changes in place through autograd-visible ops (LoRA's
+      merge, an optimizer step, load_state_dict) and dropped by .to(); a write through `W.data`
+      is not seen.
     - fp32, 1 row: W seen as two stacked halves, a batch of two products (2, out/2, in) @
       (2, in, 1). The batched kernel streams W at ~23 GB/s on one core and ~30 GB/s on two, the
       plain vector product at ~11 GB/s (a 113 MB head: 10.3 -> 3.6 ms); fp32 generation at
       batch 1 runs ~1.9x faster (measured back to back, SmolLM2-135M). The oneDNN copy is
       slower than this at one row (a step 27 -> 38 ms).
-    - fp32, 2 to 64 rows that cannot take the oneDNN copy (a gradient is needed, or over the
-      budget): the transposed product W @ x^T (fp32 generation +16% at batch 16 and +50% at
+    - fp32, 2 to 64 rows that do not take the oneDNN copy (a short prompt or scoring, a gradient
+      needed, or over the budget): the transposed product W @ x^T (fp32 generation +16% at batch 16 and +50% at
       batch 4). Two halves gain nothing here.
     - bf16, 1 or 2 rows: F.linear with oneDNN switched off for the call, so torch's own bf16
       vector kernel runs (fp32 sums, like oneDNN's): ~30 GB/s where oneDNN streams ~15 GB/s and
@@ -235,13 +237,29 @@ class Linear(nn.Linear):
     few_rows = (2, 64)  # fp32 rows that take W @ x^T
     one_row_halves = True  # False: one fp32 row takes F.linear (tests compare the two)
     bf16_rows_without_onednn = 2  # 0: bf16 always takes oneDNN (tests compare the two)
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._onednn_copy = None  # (weakref to W, W's version key, copy), made on first use
+    _onednn_copy = None  # (weakref to W, W's version key, copy) once made
 
     def __getstate__(self):  # copy.deepcopy, pickle, torch.save: oneDNN's copy cannot be copied
         return {**self.__dict__, "_onednn_copy": None}  # and is remade on first use
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .float() / .cuda() swap W's storage without bumping its version (the new one
+        # may even reuse the old address), so the copy goes here; it also frees its bytes now.
+        self._onednn_copy = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def takes_onednn_copy(self, x, rows: int) -> bool:
+        """Whether this product runs on W's oneDNN copy: a decoding step, (B, 1, in) with B in
+        `onednn_copy_rows`, that needs no gradient (the op has no backward)."""
+        W, b = self.weight, self.bias
+        lo, hi = self.onednn_copy_rows.get(x.dtype, (1, 0))
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or W.requires_grad
+                                                  or (b is not None and b.requires_grad))
+        return (x.dim() == 3 and x.shape[1] == 1 and lo <= rows <= hi and not needs_grad
+                and x.dtype == W.dtype  # (F.linear raises on mixed dtypes; so does the copy)
+                and not W.is_inference()  # no version counter to tell a stale copy by
+                and not torch.is_autocast_enabled("cpu")  # the op does not follow autocast
+                and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
     def onednn_weight(self):
         """W in oneDNN's layout; made on first use and again after W changed. None when this
@@ -259,7 +277,7 @@ class Linear(nn.Linear):
             return None
         # 16: the row count oneDNN tunes the layout for; 1 to 512 rows all ran as fast with it.
         copy = torch.ops.mkldnn._reorder_linear_weight(W.detach(), 16)
-        _onednn_copy_bytes[0] += nbytes
+        _onednn_copy_bytes[0] += nbytes  # (not locked: one thread runs the model, see below)
         weakref.finalize(copy, _release_onednn_copy, nbytes)  # freed with the copy
         self._onednn_copy = (weakref.ref(W), key, copy)
         return copy
@@ -269,11 +287,7 @@ class Linear(nn.Linear):
         W, b = self.weight, self.bias  # (out, in), (out,) or None
         if x.device.type != "cpu":
             return F.linear(x, W, b)
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or W.requires_grad
-                                                  or (b is not None and b.requires_grad))
-        lo, hi = self.onednn_copy_rows.get(x.dtype, (1, 0))
-        if (lo <= rows <= hi and not needs_grad
-                and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        if self.takes_onednn_copy(x, rows):
             copy = self.onednn_weight()
             if copy is not None:
                 y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), copy, b, "none", [], "")
@@ -302,7 +316,7 @@ class Linear(nn.Linear):
         else:
             return F.linear(x, W, b)
         y = y.reshape(*x.shape[:-1], -1)
-        return y if b is None else y + b
+        return y if b is None else y + b.to(y.dtype)  # (bf16 y under CPU autocast, as F.linear)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:

@@ -74,20 +74,11 @@ def response_nll(model, batch: Batch, chunk_tokens: int | None = None):
 def row_nll_sums(model, hs, labels, where, chunk_tokens: int):
     """Summed -log p(label) per row (B,) fp32. `where` (B, T) bool marks the scored positions;
     hs (N, hidden) and labels (N,) are those positions' predicting hidden states and tokens, in
-    row-major order. The vocabulary projection runs `chunk_tokens` positions at a time (the last
-    chunk up to 1.5 times that)."""
-    # A leftover of at most half a chunk joins the last full chunk (128 + 64 at most on CPU): a
-    # separate small one (2-64 rows, no gradient) would make model.Linear keep a second,
-    # oneDNN-laid-out copy of the head (113 MB for SmolLM2 in fp32, 545 MB for Qwen2.5-0.5B), a
-    # cost worth paying for decoding steps only.
-    N = hs.shape[0]
-    starts = list(range(0, N, chunk_tokens))
-    if len(starts) > 1 and N - starts[-1] <= chunk_tokens // 2:
-        starts.pop()
-    bounds = list(zip(starts, starts[1:] + [N]))
+    row-major order. The vocabulary projection runs `chunk_tokens` positions at a time."""
     nll = torch.cat([
-        F.cross_entropy(model.lm_head(hs[a:b]).float(), labels[a:b], reduction="none")
-        for a, b in bounds
+        F.cross_entropy(model.lm_head(hs[i:i + chunk_tokens]).float(), labels[i:i + chunk_tokens],
+                        reduction="none")
+        for i in range(0, hs.shape[0], chunk_tokens)
     ]) if hs.shape[0] else hs.new_zeros(0, dtype=torch.float32)  # (N,)
     rows = torch.arange(where.shape[0], device=where.device)[:, None].expand_as(where)[where]  # (N,)
     return torch.zeros(where.shape[0], device=where.device, dtype=torch.float32).index_add_(0, rows, nll)

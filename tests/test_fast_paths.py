@@ -12,10 +12,10 @@ Correctness only, never speed (bench.py measures speed). The fast paths checked:
 - bf16 CPU decoding reading the whole KV cache vs in blocks of 64 positions (same tokens);
 - one sequence decoding on CPU (SDPA in fp32 over exactly the cached positions) vs the batch path,
   including a left-padded row left alone after its batch-mate stopped;
-- model.Linear's products on W's oneDNN copy (no gradient, fp32 2-64 rows, bf16 3-64), its
-  fp32 products for one row (W as two halves) and a few rows (W @ x^T), and its bf16 products of
-  1-2 rows without oneDNN, vs F.linear, alone and through whole generations at batch 1, 2 and 6;
-  when the copy is used, remade and freed;
+- model.Linear's products on W's oneDNN copy (decoding steps without a gradient, fp32 2-64 rows,
+  bf16 3-64), its fp32 products for one row (W as two halves) and a few rows (W @ x^T), and its
+  bf16 products of 1-2 rows without oneDNN, vs F.linear, alone and through whole generations at
+  batch 1, 2 and 6; when the copy is used (only batched decoding), remade and freed;
 - greedy picks on widened bf16 logits vs bf16's own argmax (ties included);
 - top-p sampling through the top-256 shortcut vs a full-sort nucleus written here, including a
   nucleus that needs more than 256 tokens;
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import model as model_mod
-from data import Batch
+from data import Batch, Rendered
 from model import KVCache, ModelConfig, Transformer, generate, grouped_attention, sample_next
 from perplexity import response_nll
 
@@ -421,89 +421,110 @@ def onednn_calls(monkeypatch) -> list:
     return calls
 
 
+def close_to(out, ref, dtype) -> bool:
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    return (out.detach().float() - ref.float()).abs().max().item() <= tol * ref.float().abs().max().item()
+
+
 @pytest.mark.parametrize("dtype,rows", [(torch.float32, 2), (torch.float32, 16), (torch.float32, 64),
                                         (torch.bfloat16, 3), (torch.bfloat16, 16), (torch.bfloat16, 64)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_onednn_copy_equals_f_linear(dtype, rows, bias, monkeypatch):
-    """Without gradients, 2-64 fp32 rows and 3-64 bf16 rows multiply by W's oneDNN copy: equal to
-    F.linear up to rounding (bias included), in the input's shape; the copy is made once and
-    reused by later calls."""
+    """A decoding step without gradients, (B, 1, in) with B 2-64 in fp32 and 3-64 in bf16,
+    multiplies by W's oneDNN copy: equal to F.linear up to rounding (bias included), in the
+    input's shape; the copy is made once and reused by later steps."""
     torch.manual_seed(rows)
     layer = model_mod.Linear(96, 160, bias=bias).to(dtype).requires_grad_(False)
     if bias:
         torch.nn.init.normal_(layer.bias)
-    x = torch.randn(rows, 1, 96).to(dtype)  # (B, 1, in): a decoding step, or a prompt's rows
+    x = torch.randn(rows, 1, 96).to(dtype)  # (B, 1, in): one new token per row
+    least = 2 if dtype == torch.float32 else 3
     calls = onednn_calls(monkeypatch)
     with torch.no_grad():
-        out, again = layer(x), layer(x[:2 if dtype == torch.float32 else 3])
+        out, again = layer(x), layer(x[:least])
     copy = layer.onednn_weight()
     monkeypatch.undo()
-    assert calls == [(rows, 96), (2 if dtype == torch.float32 else 3, 96)]
+    assert calls == [(rows, 96), (least, 96)]
     assert copy is layer._onednn_copy[2] and copy is layer.onednn_weight()  # made once, kept
     ref = F.linear(x, layer.weight, layer.bias)
-    assert out.shape == ref.shape == (rows, 1, 160) and out.dtype == dtype
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert (out.float() - ref.float()).abs().max().item() <= tol * ref.float().abs().max().item()
-    assert torch.equal(again, out[:again.shape[0]])
+    assert out.shape == ref.shape == (rows, 1, 160) and out.dtype == dtype and close_to(out, ref, dtype)
+    assert torch.equal(again, out[:least])
 
 
 @pytest.mark.parametrize("case", ["grad-enabled-trainable-W", "input-needs-grad", "too-few-rows-fp32",
-                                  "too-few-rows-bf16", "too-many-rows", "fp16", "onednn-switched-off",
+                                  "too-few-rows-bf16", "too-many-rows", "prompt-shaped", "2d-input",
+                                  "fp16", "autocast", "inference-mode-weights", "onednn-switched-off",
                                   "over-budget"])
 def test_linear_onednn_copy_only_where_it_applies(case, monkeypatch):
     """Products that need a gradient (the copy has no backward), fp32 rows below 2, bf16 below 3,
-    more than 64 rows (prompts: a batch-1 generation then never makes copies), other dtypes,
-    oneDNN switched off by the user, and layers past the memory budget all take the other paths,
-    and give F.linear's result (up to rounding)."""
+    more than 64 rows, several tokens per row (prompts, scoring: they would make a copy of every
+    weight for ~10%), 2-D inputs (packed scoring, the head on a prompt's last positions), other
+    dtypes, CPU autocast (the op would not follow it), weights made under inference_mode (no
+    version counter), oneDNN switched off by the user, and layers past the memory budget all
+    take the other paths, make no copy, and give F.linear's result."""
     dtype = {"too-few-rows-bf16": torch.bfloat16, "fp16": torch.float16}.get(case, torch.float32)
-    rows = {"too-few-rows-fp32": 1, "too-few-rows-bf16": 2, "too-many-rows": 65}.get(case, 8)
-    layer = model_mod.Linear(96, 160, bias=True).to(dtype).requires_grad_(case == "grad-enabled-trainable-W")
-    x = torch.randn(rows, 96).to(dtype).requires_grad_(case == "input-needs-grad")
+    shape = {"too-few-rows-fp32": (1, 1, 96), "too-few-rows-bf16": (2, 1, 96), "too-many-rows": (65, 1, 96),
+             "prompt-shaped": (2, 8, 96), "2d-input": (8, 96)}.get(case, (8, 1, 96))
+    with torch.inference_mode(case == "inference-mode-weights"):
+        layer = model_mod.Linear(96, 160, bias=True).to(dtype)
+    layer.requires_grad_(case == "grad-enabled-trainable-W")
+    x = torch.randn(shape).to(dtype).requires_grad_(case == "input-needs-grad")
     if case == "onednn-switched-off":
         monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
     if case == "over-budget":
         monkeypatch.setattr(model_mod.Linear, "onednn_copy_budget_bytes", model_mod._onednn_copy_bytes[0])
     calls = onednn_calls(monkeypatch)
-    with torch.set_grad_enabled(case in ("grad-enabled-trainable-W", "input-needs-grad")):
+    with torch.set_grad_enabled(case in ("grad-enabled-trainable-W", "input-needs-grad")), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
         out = layer(x)
+        ref = F.linear(x.detach(), layer.weight.detach(), layer.bias.detach())
     assert calls == [] and layer._onednn_copy is None
-    ref = F.linear(x.detach(), layer.weight.detach(), layer.bias.detach())
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert (out.detach().float() - ref.float()).abs().max().item() <= tol * ref.float().abs().max().item()
+    assert out.dtype == ref.dtype and close_to(out, ref, ref.dtype)
     if out.requires_grad:  # and its gradient is F.linear's
         out.sum().backward()
         grad = x.grad if case == "input-needs-grad" else layer.weight.grad
         assert grad is not None and grad.abs().sum() > 0
 
 
+def test_linear_onednn_copy_not_made_for_mixed_dtypes():
+    """fp32 rows into a bf16 layer raise as F.linear does, without making a copy first."""
+    layer = model_mod.Linear(96, 160, bias=False).to(torch.bfloat16).requires_grad_(False)
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        layer(torch.randn(8, 1, 96))
+    assert layer._onednn_copy is None
+
+
 def test_linear_onednn_copy_follows_changes_to_the_weight():
     """The copy is remade when W changes: in place under no_grad (as LoRA's merge and
-    load_state_dict write), when the layer changes dtype, and when the parameter is replaced."""
+    load_state_dict write), when the parameter is replaced, and it is dropped by .to(), also a
+    round trip fp32 -> bf16 -> fp32 with no product in between (the new storage may reuse the
+    old address, and .to() does not bump the version)."""
     torch.manual_seed(0)
     layer = model_mod.Linear(96, 160, bias=False).requires_grad_(False)
-    x = torch.randn(8, 96)
+    x = torch.randn(8, 1, 96)
+    copies = []
 
     def check():
         with torch.no_grad():
-            out = layer(x)
-        ref = F.linear(x.to(layer.weight.dtype), layer.weight)
-        tol = 1e-5 if layer.weight.dtype == torch.float32 else 1e-2
-        assert (out.float() - ref.float()).abs().max().item() <= tol * ref.float().abs().max().item()
-        return layer._onednn_copy[2]
+            out = layer(x.to(layer.weight.dtype))
+        assert close_to(out, F.linear(x.to(layer.weight.dtype), layer.weight), layer.weight.dtype)
+        assert all(layer._onednn_copy[2] is not c for c in copies)  # a new copy every time
+        copies.append(layer._onednn_copy[2])
 
-    first = check()
+    check()
     with torch.no_grad():
         layer.weight.mul_(-2.0)
-    second = check()
-    assert second is not first
-    layer.load_state_dict({"weight": torch.randn(160, 96)})
-    third = check()
-    layer.to(torch.bfloat16)
-    x = x.bfloat16()
-    assert check().dtype == torch.bfloat16
-    layer.weight = torch.nn.Parameter(torch.randn(160, 96, dtype=torch.bfloat16), requires_grad=False)
     check()
-    assert third is not second
+    layer.load_state_dict({"weight": torch.randn(160, 96)})
+    check()
+    layer.weight = torch.nn.Parameter(torch.randn(160, 96), requires_grad=False)
+    check()
+    layer.to(torch.bfloat16)
+    assert layer._onednn_copy is None
+    check()
+    layer.to(torch.float32)
+    assert layer._onednn_copy is None
+    check()
 
 
 def test_linear_onednn_copies_count_against_the_budget_and_are_freed(monkeypatch):
@@ -516,7 +537,7 @@ def test_linear_onednn_copies_count_against_the_budget_and_are_freed(monkeypatch
     before = model_mod._onednn_copy_bytes[0]
     a, b = (model_mod.Linear(96, 160, bias=False).requires_grad_(False) for _ in range(2))
     monkeypatch.setattr(model_mod.Linear, "onednn_copy_budget_bytes", before + 160 * 96 * 4)  # room for one
-    x = torch.randn(4, 96)
+    x = torch.randn(4, 1, 96)
     with torch.no_grad():
         a(x), b(x)
     assert a._onednn_copy is not None and b._onednn_copy is None
@@ -528,6 +549,32 @@ def test_linear_onednn_copies_count_against_the_budget_and_are_freed(monkeypatch
     with torch.no_grad():
         b(x)  # now there is room
     assert b._onednn_copy is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_only_batched_decoding_makes_onednn_copies(dtype):
+    """Across the model: scoring (perplexity, the options of a multiple-choice question) and a
+    batch-1 generation make no copy; a batch-4 generation makes one for every layer and the head
+    (the tied embedding is copied once, as the head)."""
+    from perplexity import shared_prefix_nlls
+
+    m = tiny_model(n_kv=2, seed=4).to(dtype)
+    linears = [mod for mod in m.modules() if isinstance(mod, model_mod.Linear)]
+    g = torch.Generator().manual_seed(5)
+    lengths = [12, 7, 9]
+    ids = torch.randint(1, VOCAB, (3, 12), generator=g)
+    target = torch.zeros(3, 12, dtype=torch.bool)
+    for r, n in enumerate(lengths):
+        ids[r, n:] = 0
+        target[r, n // 2:n] = True
+    with torch.no_grad():
+        response_nll(m, Batch(ids, target, torch.tensor(lengths)))
+    shared_prefix_nlls(m, [Rendered(ids[0, :9].tolist(), [0] * 5 + [1] * 4),
+                           Rendered(ids[0, :5].tolist() + ids[1, :4].tolist(), [0] * 5 + [1] * 4)], pad_id=0)
+    generate(m, [ids[0, :5].tolist()], max_new_tokens=4)
+    assert all(lin._onednn_copy is None for lin in linears)
+    generate(m, [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (5, 9, 3, 7)], max_new_tokens=4)
+    assert all(lin._onednn_copy is not None for lin in linears)
 
 
 @pytest.mark.parametrize("lengths", [(5, 9, 2, 7, 12, 4), (9,), (9, 4)], ids=["batch6", "batch1", "batch2"])
@@ -676,23 +723,6 @@ def test_response_nll_equals_masked_full_cross_entropy(chunk):
     ref = (ce * target[:, 1:]).sum(1)
     assert torch.equal(count, target[:, 1:].sum(1))
     assert (nll - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
-
-
-@pytest.mark.parametrize("targets,chunks", [(70, [70]), (129, [129]), (192, [192]), (193, [128, 65]),
-                                            (300, [128, 172])])
-def test_response_nll_head_chunks_leave_no_small_leftover(targets, chunks):
-    """Scoring runs the head 128 positions at a time, and a leftover of at most 64 joins the last
-    chunk: no chunk of 2-64 rows, so scoring never makes model.Linear keep its oneDNN copy of
-    the head (a decoding-step cost). The values are checked in the test above."""
-    m = tiny_model(n_kv=2, seed=1)
-    ids = ids_of((1, targets + 1), 8)
-    batch = Batch(ids, torch.ones(1, targets + 1, dtype=torch.bool), torch.tensor([targets + 1]))
-    rows = []
-    m.lm_head.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
-    with torch.no_grad():
-        response_nll(m, batch, chunk_tokens=128)
-    assert rows == chunks
-    assert m.lm_head._onednn_copy is None
 
 
 @pytest.mark.parametrize("lengths", [[9, 23, 4, 17], [23, 23, 23, 23]], ids=["padded", "no-padding"])
