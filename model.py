@@ -251,11 +251,13 @@ class Linear(nn.Linear):
     def takes_onednn_copy(self, x, rows: int) -> bool:
         """Whether this product runs on W's oneDNN copy: a decoding step, (B, 1, in) with B in
         `onednn_copy_rows`, that needs no gradient (the op has no backward)."""
-        W, b = self.weight, self.bias
         lo, hi = self.onednn_copy_rows.get(x.dtype, (1, 0))
+        if x.dim() != 3 or x.shape[1] != 1 or not lo <= rows <= hi:  # the cheap tests first
+            return False
+        W, b = self.weight, self.bias
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or W.requires_grad
                                                   or (b is not None and b.requires_grad))
-        return (x.dim() == 3 and x.shape[1] == 1 and lo <= rows <= hi and not needs_grad
+        return (not needs_grad
                 and x.dtype == W.dtype  # (F.linear raises on mixed dtypes; so does the copy)
                 and not W.is_inference()  # no version counter to tell a stale copy by
                 and not torch.is_autocast_enabled("cpu")  # the op does not follow autocast
