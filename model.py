@@ -10,11 +10,11 @@ Deviations from HF transformers, all deliberate:
 - One class for all three architectures; the differences are config fields (bias, tied head).
 - Attention goes through `scaled_dot_product_attention`; `attn_impl="math"` is the textbook
   softmax(QK^T/sqrt(d))V path that a test uses to check it.
-- The linear layers are `Linear`, an nn.Linear whose CPU products without gradients (decoding
-  steps, scoring) take faster routes to the same sums: a copy of W kept in oneDNN's layout for
-  several rows, W's two halves in a batched product for one fp32 row, oneDNN switched off for
-  1-2 bf16 rows; same weights, same state-dict keys. One sequence decoding on CPU runs its
-  attention as SDPA in fp32.
+- The linear layers are `Linear`, an nn.Linear whose few-row CPU products (decoding steps) take
+  faster routes to the same sums: a copy of a frozen W kept in oneDNN's layout for batched
+  decoding steps, W's two halves in a batched product for one fp32 row, W @ x^T for other
+  2-64-row fp32 products, oneDNN switched off for 1-2 bf16 rows; same weights, same state-dict
+  keys. One sequence decoding on CPU runs its attention as SDPA in fp32.
 - Training and scoring drop the right padding before the first layer (`Packing`): the layers run
   on the real tokens only, and attention alone scatters them back onto the (B, T) grid.
 - Mistral's sliding window is not implemented: a sequence longer than the window fails loudly
@@ -183,11 +183,17 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def _physical_memory_bytes() -> int:
+def _memory_bytes() -> int:
+    """The machine's physical memory, or a container's limit (cgroup v2) when that is lower."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # not a POSIX system: assume 16 GiB
-        return 16 << 30
+        total = 16 << 30
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()  # a number or "max"
+        return min(total, int(limit)) if limit.isdigit() else total
+    except OSError:
+        return total
 
 
 _onednn_copy_bytes = [0]  # bytes held by all Linears' oneDNN-layout weight copies, this process
@@ -204,8 +210,8 @@ class Linear(nn.Linear):
     fast the weights stream from memory. The kernels torch picks by default on this machine (MKL
     for fp32, oneDNN for bf16, on an AMD EPYC) are slow at exactly that; the same sums in another
     order or by another kernel are faster (tests/test_fast_paths.py compares each with F.linear):
-    - decoding steps of 2-64 rows in fp32, 3-64 in bf16 (x of shape (B, 1, in)), no gradient
-      needed: oneDNN's product on a copy of W laid out once in oneDNN's own blocked format
+    - decoding steps of 2-64 rows in fp32, 3-64 in bf16 (x of shape (B, 1, in)) with a frozen W
+      and no gradient needed: oneDNN's product on a copy of W laid out once in oneDNN's own blocked format
       (`onednn_weight`; the two ops are the ones torch.compile's CPU backend uses for frozen
       weights). F.linear re-lays a bf16 W out on every call, and MKL's fp32 kernel streams W
       poorly at a few rows. A decoding step of 16 rows, SmolLM2-135M: fp32 ~89 -> ~64 ms, bf16
@@ -214,26 +220,27 @@ class Linear(nn.Linear):
       allow rounding in both). The copy costs W's size again in memory, so only decoding steps
       make it: prompts and scoring (several tokens per row; fp32 would gain ~10% there, bf16
       nothing) and batch-1 generation never hold one, and copies stop at
-      `onednn_copy_budget_bytes` (a quarter of the machine's memory; layers past it take the
-      paths below). It is remade when W changes in place through autograd-visible ops (LoRA's
-      merge, an optimizer step, load_state_dict) and dropped by .to(); a write through `W.data`
-      is not seen.
+      `onednn_copy_budget_bytes` (a quarter of the machine's or the container's memory; layers
+      past it take the paths below). Only frozen weights (requires_grad False: loaded models, LoRA
+      bases) get one, since a trained W changes every step, and some writes (a fused optimizer's
+      step, `W.data`) do not bump the version the copy is checked against. It is remade when a
+      frozen W changes in place (LoRA's merge, load_state_dict) and dropped by .to().
     - fp32, 1 row: W seen as two stacked halves, a batch of two products (2, out/2, in) @
       (2, in, 1). The batched kernel streams W at ~23 GB/s on one core and ~30 GB/s on two, the
       plain vector product at ~11 GB/s (a 113 MB head: 10.3 -> 3.6 ms); fp32 generation at
       batch 1 runs ~1.9x faster (measured back to back, SmolLM2-135M). The oneDNN copy is
       slower than this at one row (a step 27 -> 38 ms).
-    - fp32, 2 to 64 rows that do not take the oneDNN copy (a short prompt or scoring, a gradient
-      needed, or over the budget): the transposed product W @ x^T (fp32 generation +16% at batch 16 and +50% at
+    - fp32, 2 to 64 rows that do not take the oneDNN copy (a short prompt or scoring, a trained
+      W, a gradient needed, or over the budget): the transposed product W @ x^T (fp32 generation +16% at batch 16 and +50% at
       batch 4). Two halves gain nothing here.
     - bf16, 1 or 2 rows: F.linear with oneDNN switched off for the call, so torch's own bf16
       vector kernel runs (fp32 sums, like oneDNN's): ~30 GB/s where oneDNN streams ~15 GB/s and
       pays ~30 us a call; bf16 generation at batch 1 runs ~1.65x faster, at batch 2 +26%.
-    Products with a gradient (training) take F.linear: level with the alternatives at many rows.
+    Many-row products (prompts, scoring, training) take F.linear: level with the alternatives.
     """
 
     onednn_copy_rows = {torch.float32: (2, 64), torch.bfloat16: (3, 64)}  # {}: never (tests compare)
-    onednn_copy_budget_bytes = _physical_memory_bytes() // 4
+    onednn_copy_budget_bytes = _memory_bytes() // 4
     few_rows = (2, 64)  # fp32 rows that take W @ x^T
     one_row_halves = True  # False: one fp32 row takes F.linear (tests compare the two)
     bf16_rows_without_onednn = 2  # 0: bf16 always takes oneDNN (tests compare the two)
@@ -250,7 +257,7 @@ class Linear(nn.Linear):
 
     def takes_onednn_copy(self, x, rows: int) -> bool:
         """Whether this product runs on W's oneDNN copy: a decoding step, (B, 1, in) with B in
-        `onednn_copy_rows`, that needs no gradient (the op has no backward)."""
+        `onednn_copy_rows`, on a frozen W, that needs no gradient (the op has no backward)."""
         lo, hi = self.onednn_copy_rows.get(x.dtype, (1, 0))
         if x.dim() != 3 or x.shape[1] != 1 or not lo <= rows <= hi:  # the cheap tests first
             return False
@@ -258,6 +265,7 @@ class Linear(nn.Linear):
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or W.requires_grad
                                                   or (b is not None and b.requires_grad))
         return (not needs_grad
+                and not W.requires_grad  # frozen weights only (see the class docstring)
                 and x.dtype == W.dtype  # (F.linear raises on mixed dtypes; so does the copy)
                 and not W.is_inference()  # no version counter to tell a stale copy by
                 and not torch.is_autocast_enabled("cpu")  # the op does not follow autocast

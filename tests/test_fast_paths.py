@@ -451,12 +451,14 @@ def test_linear_onednn_copy_equals_f_linear(dtype, rows, bias, monkeypatch):
     assert torch.equal(again, out[:least])
 
 
-@pytest.mark.parametrize("case", ["grad-enabled-trainable-W", "input-needs-grad", "too-few-rows-fp32",
+@pytest.mark.parametrize("case", ["grad-enabled-trainable-W", "trainable-W-under-no-grad", "input-needs-grad",
+                                  "too-few-rows-fp32",
                                   "too-few-rows-bf16", "too-many-rows", "prompt-shaped", "2d-input",
                                   "fp16", "autocast", "inference-mode-weights", "onednn-switched-off",
                                   "over-budget"])
 def test_linear_onednn_copy_only_where_it_applies(case, monkeypatch):
-    """Products that need a gradient (the copy has no backward), fp32 rows below 2, bf16 below 3,
+    """Products that need a gradient (the copy has no backward), trainable weights even without a
+    gradient (a fused optimizer's step does not bump the version), fp32 rows below 2, bf16 below 3,
     more than 64 rows, several tokens per row (prompts, scoring: they would make a copy of every
     weight for ~10%), 2-D inputs (packed scoring, the head on a prompt's last positions), other
     dtypes, CPU autocast (the op would not follow it), weights made under inference_mode (no
@@ -467,7 +469,7 @@ def test_linear_onednn_copy_only_where_it_applies(case, monkeypatch):
              "prompt-shaped": (2, 8, 96), "2d-input": (8, 96)}.get(case, (8, 1, 96))
     with torch.inference_mode(case == "inference-mode-weights"):
         layer = model_mod.Linear(96, 160, bias=True).to(dtype)
-    layer.requires_grad_(case == "grad-enabled-trainable-W")
+    layer.requires_grad_(case in ("grad-enabled-trainable-W", "trainable-W-under-no-grad"))
     x = torch.randn(shape).to(dtype).requires_grad_(case == "input-needs-grad")
     if case == "onednn-switched-off":
         monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
@@ -532,8 +534,10 @@ def test_linear_onednn_copies_count_against_the_budget_and_are_freed(monkeypatch
     budget takes the other paths; a freed layer gives its bytes back; copying the model (deepcopy,
     pickle) leaves the oneDNN copy behind (it cannot be copied) and the copy is made again there."""
     import copy
+    import gc
     import pickle
 
+    gc.collect()  # earlier tests' layers give their bytes back now, not during this test
     before = model_mod._onednn_copy_bytes[0]
     a, b = (model_mod.Linear(96, 160, bias=False).requires_grad_(False) for _ in range(2))
     monkeypatch.setattr(model_mod.Linear, "onednn_copy_budget_bytes", before + 160 * 96 * 4)  # room for one
