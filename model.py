@@ -204,16 +204,16 @@ def _release_onednn_copy(nbytes: int) -> None:
 
 
 class Linear(nn.Linear):
-    """nn.Linear with CPU fast paths for products that need no gradient, mostly decoding steps.
+    """nn.Linear with CPU fast paths for products of a few rows (decoding).
 
     A decoding step multiplies one row per sequence by every weight matrix, so it is bound by how
     fast the weights stream from memory. The kernels torch picks by default on this machine (MKL
     for fp32, oneDNN for bf16, on an AMD EPYC) are slow at exactly that; the same sums in another
     order or by another kernel are faster (tests/test_fast_paths.py compares each with F.linear):
     - decoding steps of 2-64 rows in fp32, 3-64 in bf16 (x of shape (B, 1, in)) with a frozen W
-      and no gradient needed: oneDNN's product on a copy of W laid out once in oneDNN's own blocked format
-      (`onednn_weight`; the two ops are the ones torch.compile's CPU backend uses for frozen
-      weights). F.linear re-lays a bf16 W out on every call, and MKL's fp32 kernel streams W
+      and no gradient needed: oneDNN's product on a copy of W laid out once in oneDNN's own
+      blocked format (`onednn_weight`; the two ops are the ones torch.compile's CPU backend uses
+      for frozen weights). F.linear re-lays a bf16 W out on every call, and MKL's fp32 kernel streams W
       poorly at a few rows. A decoding step of 16 rows, SmolLM2-135M: fp32 ~89 -> ~64 ms, bf16
       ~61 -> ~51 ms; 32 rows 138 -> 105 / 92 -> 69 ms (measured back to back). bf16 results
       matched F.linear's bit for bit on this machine, fp32 ones differ by rounding (the tests
@@ -231,8 +231,8 @@ class Linear(nn.Linear):
       batch 1 runs ~1.9x faster (measured back to back, SmolLM2-135M). The oneDNN copy is
       slower than this at one row (a step 27 -> 38 ms).
     - fp32, 2 to 64 rows that do not take the oneDNN copy (a short prompt or scoring, a trained
-      W, a gradient needed, or over the budget): the transposed product W @ x^T (fp32 generation +16% at batch 16 and +50% at
-      batch 4). Two halves gain nothing here.
+      W, a gradient needed, or over the budget): the transposed product W @ x^T (fp32 generation
+      +16% at batch 16 and +50% at batch 4). Two halves gain nothing here.
     - bf16, 1 or 2 rows: F.linear with oneDNN switched off for the call, so torch's own bf16
       vector kernel runs (fp32 sums, like oneDNN's): ~30 GB/s where oneDNN streams ~15 GB/s and
       pays ~30 us a call; bf16 generation at batch 1 runs ~1.65x faster, at batch 2 +26%.
@@ -262,10 +262,10 @@ class Linear(nn.Linear):
         if x.dim() != 3 or x.shape[1] != 1 or not lo <= rows <= hi:  # the cheap tests first
             return False
         W, b = self.weight, self.bias
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or W.requires_grad
-                                                  or (b is not None and b.requires_grad))
+        if W.requires_grad:  # frozen weights only (see the class docstring)
+            return False
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or (b is not None and b.requires_grad))
         return (not needs_grad
-                and not W.requires_grad  # frozen weights only (see the class docstring)
                 and x.dtype == W.dtype  # (F.linear raises on mixed dtypes; so does the copy)
                 and not W.is_inference()  # no version counter to tell a stale copy by
                 and not torch.is_autocast_enabled("cpu")  # the op does not follow autocast
@@ -734,6 +734,12 @@ def load_state_dict_strict(model: nn.Module, state: dict, dtype: torch.dtype, de
 # Generation
 
 
+def draw_index(probs, generator: torch.Generator | None):
+    """One index per row of probs (B, n), drawn in proportion to it: (B,) on probs' device.
+    multinomial runs on the CPU so a seeded CPU generator gives the same draws on every device."""
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
+
+
 def sample_next(logits, temperature: float, top_p: float, generator: torch.Generator | None):
     """Next token ids (B,) from last-position logits (B, vocab): greedy if temperature == 0."""
     if temperature == 0:
@@ -742,8 +748,7 @@ def sample_next(logits, temperature: float, top_p: float, generator: torch.Gener
         return logits.float().argmax(-1)
     probs = (logits.float() / temperature).softmax(-1)  # (B, vocab)
     if top_p >= 1.0:
-        # multinomial on the CPU so a seeded CPU generator gives the same draws on every device
-        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+        return draw_index(probs, generator)
     # Sorting the whole vocabulary is the slow part; the nucleus usually lies in the top 256,
     # so sort those first and fall back to a full sort only if their mass is short of top_p.
     k = min(256, probs.shape[-1])
@@ -762,9 +767,8 @@ def sample_next(logits, temperature: float, top_p: float, generator: torch.Gener
     # tied tokens at the nucleus's edge makes the cut still can, as it could before).
     cand_ids, by_id = cand_ids.sort(-1)
     cand_probs = cand_probs.gather(-1, by_id)
-    # multinomial on the CPU so a seeded CPU generator gives the same draws on every device
-    pick = torch.multinomial(cand_probs.cpu(), 1, generator=generator)  # (B, 1), a candidate's index
-    return cand_ids.gather(-1, pick.to(cand_ids.device)).squeeze(-1)
+    pick = draw_index(cand_probs, generator)  # (B,), a candidate's index
+    return cand_ids.gather(-1, pick[:, None]).squeeze(-1)
 
 
 def left_padded(prompts: list[list[int]], pad_id: int, device):

@@ -68,6 +68,12 @@ def ids_of(shape, seed):
     return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
 
 
+def close_to(out, ref, dtype) -> bool:
+    """Equal up to rounding: 1e-5 of ref's largest entry in fp32, 2e-2 in bf16."""
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    return (out.detach().float() - ref.float()).abs().max().item() <= tol * ref.float().abs().max().item()
+
+
 # ----------------------------------------------------------------------------------------------
 # SDPA vs math
 
@@ -324,8 +330,7 @@ def test_one_sequence_decoding_sdpa_equals_grouped_attention(dtype, monkeypatch)
             assert {S <= 40 for _, S, _ in alone} == {True, False}
     assert outs[0] == outs[1] and len(outs[0][1]) == 0 and len(outs[0][0]) == 20
     fast, plain = torch.stack(per_path[0]), torch.stack(per_path[1])
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert (fast - plain).abs().max().item() <= tol * plain.abs().max().item()
+    assert close_to(fast, plain, dtype)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 16, 64, 65])
@@ -399,7 +404,7 @@ def test_linear_bf16_few_rows_without_onednn_equals_onednn(rows, monkeypatch):
     assert torch.backends.mkldnn.enabled == before
     ref = F.linear(x, layer.weight, layer.bias)
     if rows <= 2:
-        assert (out.float() - ref.float()).abs().max().item() <= 2e-2 * ref.float().abs().max().item()
+        assert close_to(out, ref, torch.bfloat16)
     else:
         assert torch.equal(out, ref)
 
@@ -419,11 +424,6 @@ def onednn_calls(monkeypatch) -> list:
     real = torch.ops.mkldnn._linear_pointwise
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda x, *a: calls.append(tuple(x.shape)) or real(x, *a))
     return calls
-
-
-def close_to(out, ref, dtype) -> bool:
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    return (out.detach().float() - ref.float()).abs().max().item() <= tol * ref.float().abs().max().item()
 
 
 @pytest.mark.parametrize("dtype,rows", [(torch.float32, 2), (torch.float32, 16), (torch.float32, 64),
