@@ -4,11 +4,15 @@ likelihood, and sandboxed execution of HumanEval completions.
 This file implements the paper's evaluation protocol (greedy generation, then
 "the `\\boxed{}` content, else the text after `Final Answer:`, else the last number, compared
 numerically"; multiple choice by the chosen option; code by running the unit tests with a
-timeout). This first half is model-independent: every function here takes text, numbers or a
+timeout), except for multiple choice (below). This first half is model-independent: every function here takes text, numbers or a
 scoring callback, so it is tested without loading a model. Generation-based accuracy and the
 CLI that drives a model belong at the end (section 6, a minimal CLI for now).
 
 Deviations from the paper's released code, all deliberate:
+- Multiple choice is scored by likelihood, not by the letter a generated reply names: each
+  option's text is scored as the assistant's reply, and the most likely option is the model's
+  choice (raw and per-token normalised; section 6). A 135M model rarely names a letter at all.
+  Options with identical text get identical scores and the first of them is taken.
 - Extraction falls through: when the last `\\boxed{}` or the last `Final Answer:` holds no
   usable answer (a 135M model truncated mid-line, `Final Answer:` and then nothing) we try the
   one before it, then the next source. The paper's code would score such an output as wrong.
@@ -329,8 +333,8 @@ def extract_choice(text: str, letters: str = "ABCDE") -> str | None:
         m = re.search(letter, span)
         if m:
             return m.group(1)
-    hits = re.findall(rf"answer\s*(?:is|:)\s*(?:option\s*)?\(?([{L}])\)?(?![A-Za-z])", text,
-                      re.IGNORECASE)
+    # case-insensitive words, case-sensitive letter: "the answer is a bank" names no option
+    hits = re.findall(rf"(?i:answer\s*(?:is|:)\s*(?:option\s*)?)\(?([{L}])\)?(?![A-Za-z])", text)
     if hits:
         return hits[-1]
     hits = re.findall(rf"\(([{L}])\)", text)

@@ -438,14 +438,19 @@ def build_parser():
     return ap
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, with a --preset's values as the defaults: whatever the user typed still
+    wins, however it was typed (`--lr=1e-4`, an abbreviated `--epoch 3`)."""
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.preset:
-        explicit = {a.dest for a in ap._actions if any(opt in (argv or sys.argv[1:]) for opt in a.option_strings)}
-        for k, v in PRESETS[args.preset].items():
-            if k not in explicit:
-                setattr(args, k, v)
+        ap.set_defaults(**PRESETS[args.preset])
+        args = ap.parse_args(argv)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.run_name and len(args.source) > 1:
         sys.exit("error: --run-name names one run; drop it when training several sources")
     try:

@@ -136,6 +136,9 @@ CHOICES = [
     ("Final Answer: A\nHmm, no.\nFinal Answer: C", "ABCDE", "C"),
     ("Final Answer: (E)", "ABCD", None),  # not one of the allowed letters
     ("I cannot decide.", "ABCDE", None),
+    ("The answer is a bank.", "ABCDE", None),  # the article "a" is not option A
+    ("My answer: e-mail it.", "ABCDE", None),
+    ("the ANSWER IS (b)... no, the answer is D", "ABCDE", "D"),  # the words in any case
 ]
 
 

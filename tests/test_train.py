@@ -171,6 +171,19 @@ def test_waiting_ranks_use_the_given_timeout(monkeypatch):
             train.main(["--dist-timeout-hours", bad])
 
 
+def test_preset_gives_defaults_and_typed_flags_win():
+    paper = train.PRESETS["paper"]
+    plain = train.parse_args([])
+    assert (plain.lr, plain.epochs) != (paper["lr"], paper["epochs"])  # else this test shows nothing
+    args = train.parse_args(["--preset", "paper"])
+    assert {k: getattr(args, k) for k in paper} == paper
+    for argv in (["--lr", "1e-4"], ["--lr=1e-4"]):
+        args = train.parse_args(["--preset", "paper", *argv])
+        assert (args.lr, args.epochs) == (1e-4, paper["epochs"])
+    args = train.parse_args(["--preset", "paper", "--epoch", "3"])  # argparse's abbreviation
+    assert (args.lr, args.epochs) == (paper["lr"], 3)
+
+
 def test_torchrun_ranks_give_up_after_the_timeout(tiny_dir, tmp_path):
     """The flag reaches the real process group: at 1 ms, torch gives up after exactly that long
     (setting the group up, or at the first barrier if both ranks met within 1 ms) and the run
