@@ -254,11 +254,12 @@ def _math_answer(span: str) -> str | None:
     return out or None
 
 
-def extract_answer(text: str, task: str) -> str | None:
+def extract_answer(text: str, task: str, last_number: bool = True) -> str | None:
     r"""The model's final answer in `text`, normalised; None if there is none.
 
     Sources, in the paper's order: the last `\boxed{}`; else the last `Final Answer:` line;
-    else the last `#### N` (GSM8K's own format); else the last number anywhere. A source that
+    else the last `#### N` (GSM8K's own format); else (unless `last_number` is False: only an
+    answer the text states as final) the last number anywhere. A source that
     yields nothing usable falls through to the one before it / the next source. For "numeric"
     tasks the answer is a canonical number string (`"1000"`, `"18"`, `"-0.5"`, `"1/2"`); for
     "math" tasks a `normalize_math` string; for "choice" tasks a letter (`extract_choice`).
@@ -283,7 +284,7 @@ def extract_answer(text: str, task: str) -> str | None:
         ans = _number_in_span(span) if kind == "numeric" else pick(span)
         if ans is not None:
             return ans
-    nums = _numbers(text)
+    nums = _numbers(text) if last_number else []
     return nums[-1] if nums else None
 
 

@@ -238,12 +238,16 @@ def main(argv=None):
                     help="compute dtype; bf16 is faster, see the README for its distance from fp32")
     ap.add_argument("--device", default=None, help="cpu, cuda or mps (default: best available)")
     ap.add_argument("--out", default=None, help="write the JSON results here (atomically)")
+    import sources
+    g = ap.add_argument_group("the sources' generation settings (as sources.py; they pick the built set)")
+    sources.add_generation_args(g)
+    g.add_argument("--gen-dtype", default="bf16", choices=["fp32", "bf16", "fp16"],
+                   help="dtype the sources were generated in (sources.py --dtype)")
     args = ap.parse_args(argv)
 
     from model import ModelLoadError, Transformer, best_device
     from pretrained import resolve_model
     from tokenizer import Tokenizer
-    import sources
 
     try:
         folder = resolve_model(args.model)
@@ -252,7 +256,8 @@ def main(argv=None):
         results = []
         for name in args.source:
             t0 = time.time()
-            records = sources.get_training_set(name, args.model, args.task, n_train=args.n, seed=args.seed)
+            records = sources.get_training_set(name, args.model, args.task, n_train=args.n, seed=args.seed,
+                                               dtype=args.gen_dtype, **sources.generation_overrides(args))
             r = dataset_perplexity(model, tok, [(x["prompt"], x["response"]) for x in records],
                                    args.batch_size, progress=True)
             for e in r["per_example"]:

@@ -18,6 +18,12 @@ the responses differs (paper section 2; DESIGN.md section 1):
 | file:<path>             | a JSON list or JSONL of {question, answer} (the paper's released     |
 |                         | files work as they are), matched to the task's questions by text     |
 
+"Correct" (ANSWER_RULE) is stricter than evaluation's grading: the reply must have ended by
+itself and must state its final answer (`\boxed{}`, `Final Answer:` or `####`); evaluation also
+takes the last number anywhere. A training response that was cut off mid-sentence, or that only
+echoes the hinted number somewhere in its text, would otherwise be kept and trained on, with an
+end-of-turn token after it, as a finished, correct answer.
+
 Every built set is cached as `data.jsonl` beside `manifest.json` (source, models, task, prompt
 templates, generation settings, seed, counts by path, coverage, time, and the hash of all the
 inputs that names the folder). Same inputs: the cache is reused. Changed inputs: a new folder.
@@ -37,6 +43,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -50,6 +57,12 @@ from eval import answers_match, extract_answer
 CACHE_DIR = Path(os.environ.get("ILB_SOURCES_DIR", Path(__file__).resolve().parent / "cache" / "sources"))
 DEFAULT_N_TRAIN = 32
 CHUNK = 8  # questions per generation chunk; the unit of resumption
+
+# What makes a generated reply count as correct (self, rewrite, --filter-correct, the path labels);
+# part of every generated set's cache key, so a set built under another rule is never reused.
+ANSWER_RULE = ("the reply ended by itself (its end-of-turn token, not cut off at max_new_tokens) and "
+               "its stated final answer (the last \\boxed{}, else 'Final Answer:', else '####'; not "
+               "merely the last number in the text) equals the gold answer")
 
 REWRITE_TEMPLATE = (
     "Here is a question and a reference solution.\n\nQuestion: {question}\n\n"
@@ -182,11 +195,14 @@ def file_fingerprint(path: str) -> str:
 def build_inputs(source, model, task, n_train, seed, gen) -> dict:
     """Everything that determines a training set; its hash names the cache folder."""
     kind, arg = source_kind(source)
+    generated = kind not in ("human", "file")
     inputs = {"source": source, "model": model, "task": task, "n_train": n_train, "seed": seed,
-              "generation": gen if kind not in ("human", "file") else None,
+              "generation": gen if generated else None,
               "templates": {"rewrite": REWRITE_TEMPLATE, "rationalize": RATIONALIZE_TEMPLATE,
                             "minimum_change": MINIMUM_CHANGE_TEMPLATE}.get(
                   {"self": "rationalize", "rewrite": "rewrite", "minimum-change": "minimum_change"}.get(kind, ""))}
+    if generated:
+        inputs["answer_rule"] = ANSWER_RULE
     if kind == "file":
         inputs["file_sha256"] = file_fingerprint(arg)
     return inputs
@@ -199,11 +215,47 @@ def cache_folder(inputs: dict) -> Path:
 
 
 def default_gen(**overrides) -> dict:
+    """The generation settings of a build (part of its cache key): the defaults, with the
+    overrides that are not None. Raises ValueError, naming the flag, for a value that cannot work."""
     # CPU-sized defaults (train.py's quick start uses them too); --preset paper raises them
     gen = {"k": 2, "temperature": 0.7, "top_p": 0.95, "max_new_tokens": 200, "batch_size": 16,
            "self_fallback": "ground_truth", "filter_correct": False}
+    unknown = set(overrides) - set(gen) - {"dtype"}
+    if unknown:
+        raise TypeError(f"unknown generation settings: {sorted(unknown)}")
     gen.update({k: v for k, v in overrides.items() if v is not None})
+    for key in ("k", "max_new_tokens", "batch_size"):
+        if not gen[key] >= 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be at least 1; got {gen[key]}")
+    if not 0 <= gen["temperature"] < math.inf:
+        raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy); got {gen['temperature']}")
+    if not 0 < gen["top_p"] <= 1:
+        raise ValueError(f"--top-p must be in (0, 1]; got {gen['top_p']}")
     return gen
+
+
+def add_generation_args(group, max_new_tokens: bool = True) -> None:
+    """The flags that say how a source is generated. All of them are part of a built set's cache
+    key, so train.py and perplexity.py take them too: with the same values they find the set that
+    `python sources.py` built, instead of building another with the defaults."""
+    group.add_argument("--k", type=int, default=None,
+                       help="self: samples per question before rationalisation (default 2)")
+    group.add_argument("--temperature", type=float, default=None, help="self: sampling temperature (default 0.7)")
+    group.add_argument("--top-p", type=float, default=None, help="self: nucleus mass (default 0.95)")
+    if max_new_tokens:
+        group.add_argument("--max-new-tokens", type=int, default=None, help="longest response (default 200)")
+    group.add_argument("--self-fallback", choices=["ground_truth", "drop"], default=None,
+                       help="self: what to do when neither sampling nor rationalisation is correct "
+                            "(default ground_truth; drop keeps only the model's own correct answers)")
+    group.add_argument("--filter-correct", action="store_true", default=None,
+                       help="teacher: drop answers whose final answer is wrong (default: keep all, as the paper)")
+
+
+def generation_overrides(args) -> dict:
+    """default_gen's overrides from the flags of add_generation_args."""
+    return {"k": args.k, "temperature": args.temperature, "top_p": args.top_p,
+            "max_new_tokens": args.max_new_tokens, "self_fallback": args.self_fallback,
+            "filter_correct": args.filter_correct}
 
 
 class ModelCache:
@@ -232,28 +284,33 @@ def build_chunk(kind, arg, examples, model_name, gen, seed, chunk_no, models: Mo
     if kind == "human":
         return [{**b, "response": e.answer, "path": "ground_truth"} for b, e in zip(base, examples)]
 
-    def ask(name, prompts, sample: bool, salt: int):
+    def ask(name, prompts, sample: bool, salt: int) -> list[tuple[str, bool]]:
+        """(reply, ended by itself) for each prompt."""
         model, tok = models.get(name)
-        return generate_responses(
+        texts, finished = generate_responses(
             model, tok, prompts, gen["max_new_tokens"], gen["temperature"] if sample else 0.0,
             gen["top_p"] if sample else 1.0, seed=seed * 7919 + chunk_no * 31 + salt,
-            batch_size=gen["batch_size"])
+            batch_size=gen["batch_size"], return_finished=True)
+        return list(zip(texts, finished))
 
-    correct = lambda text, e: answers_match(extract_answer(text, task), e.gold, task)  # noqa: E731
+    def correct(reply: tuple[str, bool], e) -> bool:  # ANSWER_RULE
+        text, finished = reply
+        return finished and answers_match(extract_answer(text, task, last_number=False), e.gold, task)
+
     if kind == "self":
         k = gen["k"]
         samples = ask(model_name, [e.prompt for e in examples for _ in range(k)], True, 0)
         out, need = [], []
         for j, (b, e) in enumerate(zip(base, examples)):
             mine = samples[j * k:(j + 1) * k]
-            hit = next((s for s in mine if correct(s, e)), None)
+            hit = next((text for text, ended in mine if correct((text, ended), e)), None)
             out.append({**b, "response": hit, "path": "sampled" if hit else None, "samples_tried": k})
             if hit is None:
                 need.append(j)
         if need:  # STaR rationalisation: answer again, knowing the answer
             hints = [RATIONALIZE_TEMPLATE.format(prompt=examples[j].prompt, gold=examples[j].gold) for j in need]
-            for j, text in zip(need, ask(model_name, hints, False, 1)):
-                if correct(text, examples[j]):
+            for j, (text, ended) in zip(need, ask(model_name, hints, False, 1)):
+                if correct((text, ended), examples[j]):
                     out[j].update(response=text, path="rationalized")
                 elif gen["self_fallback"] == "ground_truth":
                     out[j].update(response=examples[j].answer, path="ground_truth")
@@ -263,26 +320,26 @@ def build_chunk(kind, arg, examples, model_name, gen, seed, chunk_no, models: Mo
     if kind == "rewrite":
         prompts = [REWRITE_TEMPLATE.format(question=e.question, answer=e.answer, gold=e.gold) for e in examples]
         out = []
-        for b, e, text in zip(base, examples, ask(model_name, prompts, False, 2)):
-            ok = correct(text, e)
+        for b, e, (text, ended) in zip(base, examples, ask(model_name, prompts, False, 2)):
+            ok = correct((text, ended), e)
             out.append({**b, "response": text if ok else e.answer, "path": "rewritten" if ok else "ground_truth",
                         "rewrite_attempt": None if ok else text})
         return out
     if kind == "teacher":
         out = []
-        for b, e, text in zip(base, examples, ask(arg, [e.prompt for e in examples], False, 3)):
-            ok = correct(text, e)
-            path = "teacher_correct" if ok else "teacher_wrong"
-            if gen["filter_correct"] and not ok:
-                path = "dropped"
-            out.append({**b, "response": text, "path": path})
+        for b, e, (text, ended) in zip(base, examples, ask(arg, [e.prompt for e in examples], False, 3)):
+            ok = correct((text, ended), e)
+            if gen["filter_correct"] and not ok:  # dropped: not trained on, kept here for the record
+                out.append({**b, "response": None, "path": "dropped", "teacher_answer": text})
+            else:
+                out.append({**b, "response": text, "path": "teacher_correct" if ok else "teacher_wrong"})
         return out
     if kind == "minimum-change":
-        preds = ask(model_name, [e.prompt for e in examples], False, 4)
+        preds = [text for text, _ in ask(model_name, [e.prompt for e in examples], False, 4)]
         prompts = [MINIMUM_CHANGE_TEMPLATE.format(question=e.prompt, answer=e.answer, prediction=p)
                    for e, p in zip(examples, preds)]
         fixed = ask(arg, prompts, False, 5)
-        return [{**b, "response": f, "original_prediction": p,
+        return [{**b, "response": f[0], "original_prediction": p,
                  "path": "corrected_correct" if correct(f, e) else "corrected_wrong"}
                 for b, e, p, f in zip(base, examples, preds, fixed)]
     raise AssertionError(kind)
@@ -395,24 +452,15 @@ def main(argv=None):
     ap.add_argument("--n-train", type=int, default=DEFAULT_N_TRAIN, help="first N questions of the seeded shuffle")
     ap.add_argument("--seed", type=int, default=0, help="split and sampling seed")
     g = ap.add_argument_group("generation")
-    g.add_argument("--k", type=int, default=None, help="self: samples per question (default 2)")
-    g.add_argument("--temperature", type=float, default=None, help="self: sampling temperature (default 0.7)")
-    g.add_argument("--top-p", type=float, default=None, help="self: nucleus mass (default 0.95)")
-    g.add_argument("--max-new-tokens", type=int, default=None, help="longest response (default 200)")
+    add_generation_args(g)
     g.add_argument("--batch-size", type=int, default=None, help="prompts per generation batch (default 16)")
-    g.add_argument("--self-fallback", choices=["ground_truth", "drop"], default=None,
-                   help="self: what to do when neither sampling nor rationalisation is correct")
-    g.add_argument("--filter-correct", action="store_true", default=None,
-                   help="teacher: drop answers whose final answer is wrong")
     g.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"],
                    help="generation dtype (bf16: ~2x faster on CPU; part of the cache key)")
     g.add_argument("--device", default=None, help="cpu, cuda or mps (default: best available)")
     args = ap.parse_args(argv)
     try:
         records, manifest = build(args.source, args.model, args.task, args.n_train, args.seed, args.dtype,
-                                  args.device, True, k=args.k, temperature=args.temperature, top_p=args.top_p,
-                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                  self_fallback=args.self_fallback, filter_correct=args.filter_correct)
+                                  args.device, True, batch_size=args.batch_size, **generation_overrides(args))
         from pretrained import resolve_model
         from tokenizer import Tokenizer
         tok = Tokenizer.from_folder(resolve_model(args.model))

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import sources
 from data import Batch, collate, length_buckets, render
 
 PRESETS = {
@@ -193,7 +194,6 @@ class Context:
 
 
 def run_source(source: str, args, ctx: Context) -> dict:
-    import sources
     from eval import evaluate_task
     from lora import LoRAConfig, count_parameters, inject_lora, load_adapter
     from model import Transformer
@@ -211,15 +211,23 @@ def run_source(source: str, args, ctx: Context) -> dict:
         dist.barrier()
     records, manifest = sources.build(source, args.model, args.task, args.n_train, args.seed,
                                       dtype=args.gen_dtype, device=args.device, progress=rank == 0,
-                                      k=args.k, max_new_tokens=args.max_new_tokens)
+                                      **sources.generation_overrides(args))
     if rank == 0 and world > 1:
         dist.barrier()
     log(f"[{source}] training set: {manifest['kept']} examples, by path {manifest['counts_by_path']}")
 
     model = Transformer.from_pretrained(ctx.model_folder, args.dtype, ctx.device)
     pairs = [(r["prompt"], r["response"]) for r in records]
+    rendered = [render(tok, p, r) for p, r in pairs]
+    too_long = [i for i, r in enumerate(rendered) if len(r.ids) > args.max_seq_len]
+    if too_long:
+        log(f"[{source}] dropping {len(too_long)} examples longer than --max-seq-len {args.max_seq_len}")
+        keep = [i for i in range(len(pairs)) if i not in set(too_long)]
+        records, pairs, rendered = [records[i] for i in keep], [pairs[i] for i in keep], [rendered[i] for i in keep]
+    if not rendered:
+        raise ValueError(f"source {source} produced no training examples")
 
-    # 2. familiarity: perplexity of the untuned model on exactly these responses
+    # 2. familiarity: perplexity of the untuned model on exactly the responses it is trained on
     ppl = dataset_perplexity(model, tok, pairs, batch_size=args.eval_batch_size, progress=True) if rank == 0 else None
     if ppl:
         log(f"[{source}] untuned perplexity: mean {ppl['mean_ppl']:.3f}, pooled {ppl['pooled_ppl']:.3f} "
@@ -232,13 +240,6 @@ def run_source(source: str, args, ctx: Context) -> dict:
     trainable, total = count_parameters(model)
     log(f"[{source}] LoRA {args.lora_targets} r={args.lora_r} alpha={args.lora_alpha}: "
         f"{trainable:,} trainable / {total:,} parameters ({100 * trainable / total:.3f}%)")
-    rendered = [render(tok, p, r) for p, r in pairs]
-    kept = [r for r in rendered if len(r.ids) <= args.max_seq_len]
-    if len(kept) < len(rendered):
-        log(f"[{source}] dropping {len(rendered) - len(kept)} examples longer than --max-seq-len {args.max_seq_len}")
-    rendered = kept
-    if not rendered:
-        raise ValueError(f"source {source} produced no training examples")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
     autocast_dtype = None
@@ -277,6 +278,8 @@ def run_source(source: str, args, ctx: Context) -> dict:
             "torch": torch.__version__, "device": ctx.device, "manifest": manifest,
             "trainable_parameters": trainable, "total_parameters": total})
         if ppl:
+            for e in ppl["per_example"]:  # which question each value belongs to
+                e["id"] = records[e["index"]]["id"]
             write_json_atomic(run_dir / "perplexity.json", {"source": source, **ppl})
     if world > 1:
         dist.barrier()
@@ -401,8 +404,9 @@ def build_parser():
     g.add_argument("--n-train", type=int, default=32, help="training questions (first N of the seeded shuffle)")
     g.add_argument("--n-val", type=int, default=16, help="validation questions, carved from the training split")
     g.add_argument("--n-test", type=int, default=32, help="test questions per task (default small for CPU)")
-    g.add_argument("--k", type=int, default=None, help="self: samples per question before rationalisation (sources.py default: 2)")
     g.add_argument("--max-new-tokens", type=int, default=200, help="longest generated answer (sources and evaluation)")
+    sources.add_generation_args(ap.add_argument_group("building sources (as sources.py; part of each set's cache key)"),
+                                max_new_tokens=False)
     l = ap.add_argument_group("LoRA")
     l.add_argument("--lora-r", type=int, default=8, help="rank (paper: 8)")
     l.add_argument("--lora-alpha", type=float, default=16, help="alpha; scale = alpha / r (paper: 16)")
@@ -460,6 +464,12 @@ def main(argv=None):
     if wait is None or wait < datetime.timedelta(milliseconds=1):
         sys.exit(f"error: --dist-timeout-hours must be a finite number of hours, at least 1 ms; "
                  f"got {args.dist_timeout_hours}")
+    try:  # before anything is built or written
+        sources.default_gen(**sources.generation_overrides(args))
+        for source in args.source:
+            sources.source_kind(source)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     import tasks
     if args.task not in tasks.TASKS or not tasks.has_train(args.task):
         trainable = [t for t in tasks.TASKS if tasks.has_train(t)]

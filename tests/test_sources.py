@@ -105,3 +105,99 @@ def test_unknown_source_and_cli_error(capsys):
     with pytest.raises(SystemExit) as e:
         sources.main(["--source", "file:/nonexistent.json", "--n-train", "2"])
     assert "error: file source /nonexistent.json does not exist" in str(e.value)
+
+
+def scripted_generation(monkeypatch, reply):
+    """Generation replaced by `reply(prompt, sampling) -> (text, ended by itself)`; no model loads."""
+    import data
+    monkeypatch.setattr(sources.ModelCache, "get", lambda self, name: (None, None))
+
+    def fake(model, tok, prompts, max_new_tokens, temperature, top_p, seed, batch_size, return_finished):
+        assert return_finished
+        texts, ended = zip(*[reply(p, temperature > 0) for p in prompts])
+        return list(texts), list(ended)
+
+    monkeypatch.setattr(data, "generate_responses", fake)
+
+
+def test_only_finished_replies_that_state_the_answer_count_as_correct(monkeypatch):
+    """A cut-off reply, or one that merely mentions the (hinted) number, is not kept as correct."""
+    questions = sources.build("human", n_train=4, progress=False)[0]
+    gold = {r["prompt"]: r["gold"] for r in questions}
+    scripts = [  # per question: (sampled reply, rationalised reply); text gets the gold number
+        (("So. Final Answer: {g}", True), None),  # sampled, stated, finished: kept
+        (("It is {g} apples, I think", True), ("The answer is {g} because", False)),  # no statement; cut off
+        (("Final Answer: {g}", False), ("Adding up: $\\boxed{{{g}}}$", True)),  # cut off; then stated in a box
+        (("Final Answer: 0.5", True), ("The hint says {g}, so that is it.", True)),  # wrong; echo only
+    ]
+    by_prompt = {r["prompt"]: s for r, s in zip(questions, scripts)}
+
+    def reply(prompt, sampling):
+        own = next(p for p in by_prompt if p in prompt)  # a hint prompt contains the question's prompt
+        text, ended = by_prompt[own][0 if sampling else 1]
+        return text.format(g=gold[own]), ended
+
+    scripted_generation(monkeypatch, reply)
+    records, manifest = sources.build("self", n_train=4, progress=False, k=1)
+    assert [r["path"] for r in records] == ["sampled", "ground_truth", "rationalized", "ground_truth"]
+    assert records[0]["response"] == f"So. Final Answer: {questions[0]['gold']}"
+    assert records[1]["response"] == questions[1]["response"] and records[3]["response"] == questions[3]["response"]
+    assert manifest["answer_rule"] == sources.ANSWER_RULE  # the rule is in the cache key
+    assert "answer_rule" not in sources.build("human", n_train=4, progress=False)[1]
+
+
+def test_filter_correct_drops_wrong_teacher_answers(monkeypatch):
+    questions = sources.build("human", n_train=2, progress=False)[0]
+    right = {questions[0]["prompt"]: f"Final Answer: {questions[0]['gold']}"}
+    scripted_generation(monkeypatch, lambda p, s: (right.get(p, "Final Answer: 0.5"), True))
+    kept, manifest = sources.build("teacher:smollm2-135m-instruct", n_train=2, progress=False,
+                                   filter_correct=True)
+    assert [r["id"] for r in kept] == [questions[0]["id"]]
+    assert manifest["counts_by_path"] == {"teacher_correct": 1, "dropped": 1} and manifest["kept"] == 1
+    every, manifest = sources.build("teacher:smollm2-135m-instruct", n_train=2, progress=False)
+    assert len(every) == 2 and manifest["counts_by_path"] == {"teacher_correct": 1, "teacher_wrong": 1}
+
+
+def test_generate_responses_tells_which_replies_were_cut_off(monkeypatch, smollm2_dir):
+    import data
+    import model
+    from tokenizer import Tokenizer
+    tok = Tokenizer.from_folder(smollm2_dir)
+    # generate() returns the new ids without the stop token: a full-length row never stopped
+    monkeypatch.setattr(model, "generate", lambda m, prompts, n, *a, **k: [[72] * n, [72] * (n - 1), []][:len(prompts)])
+    texts, ended = data.generate_responses(None, tok, ["a", "b", "c"], 5, batch_size=3, return_finished=True)
+    assert ended == [False, True, True] and len(texts) == 3
+
+
+def test_train_and_perplexity_find_the_set_sources_built(monkeypatch, tiny_model_dir):
+    """The generation flags reach the build from every command line (they are in the cache key)."""
+    import perplexity
+    import train
+    flags = ["--k", "3", "--temperature", "0.5", "--top-p", "0.9", "--self-fallback", "drop", "--filter-correct"]
+    want = dict(k=3, temperature=0.5, top_p=0.9, self_fallback="drop", filter_correct=True)
+    got = sources.generation_overrides(train.parse_args(flags + ["--max-new-tokens", "64"]))
+    assert got == {**want, "max_new_tokens": 64}
+    seen = {}
+
+    def capture(name, model, task, **kw):
+        seen.update(kw)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(sources, "get_training_set", capture)
+    with pytest.raises(SystemExit, match="stop here"):
+        perplexity.main(["--model", str(tiny_model_dir), "--source", "self", "--max-new-tokens", "64",
+                         "--gen-dtype", "fp32"] + flags)
+    assert seen == {"n_train": None, "seed": 0, "dtype": "fp32", **want, "max_new_tokens": 64}
+
+
+@pytest.mark.parametrize("flag,value,needle", [("--k", "0", "--k must be at least 1"),
+                                               ("--top-p", "0", "--top-p must be in (0, 1]"),
+                                               ("--temperature", "-1", "--temperature must be a finite number"),
+                                               ("--max-new-tokens", "0", "--max-new-tokens must be at least 1")])
+def test_bad_generation_settings_are_one_line_errors(flag, value, needle, tmp_path):
+    import train
+    for main in (sources.main, train.main):
+        with pytest.raises(SystemExit) as e:
+            main(["--source", "self", flag, value] + (["--runs-dir", str(tmp_path)] if main is train.main else []))
+        assert needle in str(e.value)
+    assert not any(tmp_path.iterdir())  # train.py stopped before writing anything

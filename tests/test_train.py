@@ -106,6 +106,23 @@ def test_run_folder_and_loss_falls(tiny_dir, tmp_path):
     assert (run / "adapter" / "adapter_config.json").is_file() and (run / "eval-gsm8k.jsonl").is_file()
 
 
+def test_perplexity_covers_exactly_the_trained_examples(tiny_dir, tmp_path):
+    """Examples over --max-seq-len are not trained on, so their perplexity is not reported either."""
+    import sources
+    tok = Tokenizer.from_folder(tiny_dir)
+    records, _ = sources.build("human", str(tiny_dir), "gsm8k", 12, 0, progress=False)
+    lengths = sorted(len(render(tok, r["prompt"], r["response"]).ids) for r in records)
+    limit = lengths[len(lengths) // 2]  # about half the examples are longer
+    trained = [r["id"] for r in records if len(render(tok, r["prompt"], r["response"]).ids) <= limit]
+    assert 0 < len(trained) < len(records)
+    train.main(base_args(tiny_dir, tmp_path, epochs=1, max_seq_len=limit))
+    run = tmp_path / "runs" / "r"
+    results = json.loads((run / "results.json").read_text())
+    assert results["train_examples"] == results["perplexity"]["n"] == len(trained)
+    ppl = json.loads((run / "perplexity.json").read_text())
+    assert [e["id"] for e in ppl["per_example"]] == trained
+
+
 def test_resume_after_kill_gives_the_same_adapter(tiny_dir, tmp_path, monkeypatch):
     train.main(base_args(tiny_dir, tmp_path / "straight", epochs=3))
     straight = adapter(tmp_path / "straight" / "runs" / "r")
