@@ -576,6 +576,15 @@ def main(argv=None):
     if min(args.ppl_examples, args.ppl_batch, args.train_batch, args.micro_batch, min(args.gen_batch),
            args.new_tokens, args.repeats) < 1:
         sys.exit("error: batch sizes, --new-tokens and --repeats must be at least 1")
+    if (args.threads is not None and args.threads < 0) or (args.matmul_n is not None and args.matmul_n < 1):
+        sys.exit(f"error: --threads must be >= 0 (0 = torch's default) and --matmul-n at least 1; "
+                 f"got {args.threads} and {args.matmul_n}")
+    if args.out:  # checked now, not after the measurements
+        from sources import check_output_file
+        try:
+            check_output_file(args.out, "--out")
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     if args.threads:
         torch.set_num_threads(args.threads)
     random_dir = None

@@ -797,9 +797,12 @@ def evaluate_cli(args) -> None:
             name += "--" + Path(args.adapter).resolve().parent.name
         args.out = str(Path("runs") / "eval" / name)
     from pretrained import resolve_model
+    from sources import check_at_least_one, check_output_folder
     from tokenizer import Tokenizer
 
-    try:
+    try:  # bad values and an unusable --out fail now, not after the evaluation
+        check_at_least_one(n=args.n, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+        check_output_folder(args.out, "--out")
         folder = resolve_model(args.model)
         model = Transformer.from_pretrained(folder, args.dtype, args.device or best_device())
         tok = Tokenizer.from_folder(folder)
@@ -831,6 +834,9 @@ def main(argv=None) -> None:
     args = build_subparser().parse_args(argv)
     if args.cmd == "report":
         try:
+            if args.out is not None:
+                from sources import check_output_folder
+                check_output_folder(args.out, "--out")
             path = write_report(args.runs, args.out)
         except (FileNotFoundError, KeyError, ValueError) as e:
             sys.exit(f"error: {e}")
@@ -849,6 +855,11 @@ def main(argv=None) -> None:
             problems = load_humaneval()
         except FileNotFoundError as e:
             sys.exit(f"error: {e}")
+        if args.limit is not None and args.limit < 1:
+            sys.exit(f"error: --limit must be at least 1; got {args.limit}")
+        if not (0 < args.timeout < math.inf) or args.memory_mb < 1:
+            sys.exit(f"error: --timeout must be a finite number of seconds > 0 and --memory-mb at least 1; "
+                     f"got {args.timeout} and {args.memory_mb}")
         problems = problems[: args.limit] if args.limit else problems
         t0, ok = time.time(), []
         for pr in problems:

@@ -158,10 +158,20 @@ class ModelConfig:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ModelLoadError(f"{path} is not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ModelLoadError(f"{path} is not a JSON object of config fields")
         try:
-            return cls.from_dict(d)
+            cfg = cls.from_dict(d)
         except KeyError as e:
             raise ModelLoadError(f"{path} lacks the required field {e}") from None
+        # wrong types would otherwise surface as a TypeError deep inside torch
+        for name, kind in (("vocab_size", int), ("hidden_size", int), ("intermediate_size", int),
+                           ("num_hidden_layers", int), ("num_attention_heads", int), ("num_key_value_heads", int),
+                           ("head_dim", int), ("max_position_embeddings", int), ("rms_norm_eps", (int, float))):
+            value = getattr(cfg, name)
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise ModelLoadError(f"{path}: {name} must be a number, got {value!r}")
+        return cfg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -661,6 +671,7 @@ class Transformer(nn.Module):
                         device: str | torch.device = "cpu") -> "Transformer":
         """Build from an HF-format folder and load its safetensors weights strictly."""
         path = Path(path)
+        device = usable_device(device)
         if not path.is_dir():
             raise ModelLoadError(f"model folder {path} does not exist")
         cfg = ModelConfig.from_json(path / "config.json")
@@ -905,6 +916,13 @@ def main(argv=None):
     ap.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: the checkpoint's")
     ap.add_argument("--device", default=None, help="cpu, cuda or mps (default: best available)")
     args = ap.parse_args(argv)
+    if not args.prompt:
+        sys.exit("error: --prompt is empty; give the text to continue")
+    if args.max_new_tokens < 1:
+        sys.exit(f"error: --max-new-tokens must be at least 1; got {args.max_new_tokens}")
+    if not (0 <= args.temperature < math.inf and 0 < args.top_p <= 1):
+        sys.exit(f"error: --temperature must be a finite number >= 0 and --top-p in (0, 1]; "
+                 f"got {args.temperature} and {args.top_p}")
 
     from pretrained import resolve_model
     from tokenizer import Tokenizer
@@ -924,6 +942,24 @@ def main(argv=None):
     new = generate(model, [ids], args.max_new_tokens, args.temperature, args.top_p, gen,
                    stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0]
     print(tok.decode(new))
+
+
+def usable_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device, or a ValueError that says why it cannot be used here and what
+    to pass instead (instead of torch's assertion deep inside the first .to())."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: torch {torch.__version__} sees no CUDA GPU here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: there are only {torch.cuda.device_count()} CUDA GPU(s) (cuda:0..)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r}: no Apple MPS backend here; use --device cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r} is not supported: use cpu, cuda, cuda:N or mps")
+    return dev
 
 
 def best_device() -> str:

@@ -249,7 +249,10 @@ def main(argv=None):
     from pretrained import resolve_model
     from tokenizer import Tokenizer
 
-    try:
+    try:  # bad values and an unusable --out fail now, not after the measurement
+        sources.check_at_least_one(n=args.n, batch_size=args.batch_size)
+        if args.out:
+            sources.check_output_file(args.out, "--out")
         folder = resolve_model(args.model)
         tok = Tokenizer.from_folder(folder)
         model = Transformer.from_pretrained(folder, args.dtype, args.device or best_device())

@@ -87,12 +87,44 @@ def write_json_atomic(path, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are meant to be read
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are meant to be read
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)  # no stray temp file beside the target
+        raise
+
+
+def check_output_folder(path, flag: str) -> None:
+    """ValueError, before the work whose results go there, if `path` cannot become a folder we
+    write into: a file in the way, or the nearest existing folder not writable."""
+    wanted = Path(path)
+    for p in [wanted, *wanted.parents]:
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"{flag} {path}: {p} is a file, not a folder; pick another {flag}")
+            if not os.access(p, os.W_OK):
+                raise ValueError(f"{flag} {path}: cannot write into {p}; pick another {flag}")
+            return
+
+
+def check_output_file(path, flag: str) -> None:
+    """check_output_folder for the file's folder, and the file itself must not be a folder."""
+    if Path(path).is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file name, e.g. {Path(path) / 'results.json'}")
+    check_output_folder(Path(path).parent, flag)
+
+
+def check_at_least_one(**flags) -> None:
+    """ValueError naming the first flag (given as its dest name) whose value is below 1; None
+    stands for the flag's default and passes."""
+    for dest, value in flags.items():
+        if value is not None and value < 1:
+            raise ValueError(f"--{dest.replace('_', '-')} must be at least 1; got {value}")
 
 
 def write_jsonl_atomic(path, rows: list[dict]) -> None:
@@ -382,8 +414,7 @@ def build(source, model="smollm2-135m-instruct", task="gsm8k", n_train=None, see
     folder = cache_folder(inputs)
     final, manifest_path = folder / "data.jsonl", folder / "manifest.json"
     if final.exists() and manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        return [r for r in read_partial(final) if r["response"] is not None], manifest
+        return read_built(folder)
 
     examples = tasks.splits(task, n_train=n_train, seed=seed)["train"]
     folder.mkdir(parents=True, exist_ok=True)
@@ -427,16 +458,35 @@ def build(source, model="smollm2-135m-instruct", task="gsm8k", n_train=None, see
     return kept, manifest
 
 
+def read_built(folder: Path) -> tuple[list[dict], dict]:
+    """A finished build's kept records and manifest, checked against each other: a damaged cache
+    is an error that names the folder, never a silently smaller training set."""
+    damaged = f"the cached set in {folder} is damaged ({{}}); delete that folder and run again to rebuild it"
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        lines = (folder / "data.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(damaged.format(e)) from None
+    if not isinstance(manifest, dict) or len(records) != manifest.get("questions"):
+        raise ValueError(damaged.format(f"{len(records)} records, the manifest says "
+                                        f"{manifest.get('questions') if isinstance(manifest, dict) else '?'}"))
+    kept = [r for r in records if r.get("response") is not None]
+    if len(kept) != manifest.get("kept"):
+        raise ValueError(damaged.format(f"{len(kept)} kept records, the manifest says {manifest.get('kept')}"))
+    return kept, manifest
+
+
 def load_cached(source: str, model: str, task: str, n_train: int | None = None, seed: int = 0,
                 dtype: str = "bf16") -> list[dict]:
     """A built set's kept records (default generation settings); fails if it was never built."""
     inputs = build_inputs(source, model, task, DEFAULT_N_TRAIN if n_train is None else n_train, seed,
                           default_gen(dtype=dtype))
-    final = cache_folder(inputs) / "data.jsonl"
-    if not final.exists():
+    folder = cache_folder(inputs)
+    if not (folder / "data.jsonl").exists() or not (folder / "manifest.json").exists():
         raise FileNotFoundError(f"source '{source}' is not built for {model}/{task}; run "
                                 f"python sources.py --source {source} --task {task}")
-    return [r for r in read_partial(final) if r["response"] is not None]
+    return read_built(folder)[0]
 
 
 # ----------------------------------------------------------------------------------------------

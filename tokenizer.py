@@ -313,12 +313,19 @@ class Tokenizer:
         if not os.path.exists(path):
             raise FileNotFoundError(f"no tokenizer.json in {folder}; convert the model first "
                                     "(python pretrained.py) or point at an HF checkpoint folder")
-        tk = RustTokenizer.from_file(path)
+        try:
+            tk = RustTokenizer.from_file(path)
+        except Exception as e:  # the tokenizers library raises a bare Exception for a bad file
+            raise ValueError(f"cannot read {path} ({e}); the file is damaged: copy or convert the model "
+                             f"again (python pretrained.py)") from None
         config_path = os.path.join(folder, "tokenizer_config.json")
         config = {}
         if os.path.exists(config_path):
-            with open(config_path, encoding="utf-8") as f:
-                config = json.load(f)
+            try:
+                with open(config_path, encoding="utf-8") as f:
+                    config = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"cannot read {config_path} ({e}); the file is damaged") from None
         return cls(tk, config, read_chat_template(folder, config), source=folder)
 
     # -- text <-> ids ---------------------------------------------------------------------------

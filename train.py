@@ -202,9 +202,11 @@ def run_source(source: str, args, ctx: Context) -> dict:
     import tasks
 
     rank, world, tok = ctx.rank, ctx.world, ctx.tok
-    name = args.run_name or f"{args.task}-{source.replace(':', '_').replace('/', '_')}-{args.model.split('/')[-1]}-s{args.seed}"
-    run_dir = Path(args.runs_dir) / name
+    run_dir = run_folder(source, args)
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    resuming = plan_run_folder(run_dir, args)  # (main checked every source's folder before any work)
+    if args.resume and not resuming:
+        log(f"[{source}] --resume: {run_dir} has no finished epoch to continue; starting the run from the beginning")
 
     # 1. the training set: rank 0 builds it (or finds it cached), then the other ranks read the cache
     if rank != 0:
@@ -258,9 +260,13 @@ def run_source(source: str, args, ctx: Context) -> dict:
     ckpt_dir, adapter_dir = run_dir / "checkpoint", run_dir / "adapter"
     metrics_path = run_dir / "metrics.jsonl"
     state = {"epoch": 0, "step": 0, "best": None, "best_epoch": None}
-    if args.resume and (ckpt_dir / "trainer.pt").exists():
+    if resuming:
         load_adapter(model, ckpt_dir / "adapter")  # LoRA layers already injected: checked, then loaded
-        saved = torch.load(ckpt_dir / "trainer.pt", weights_only=False)
+        try:
+            saved = torch.load(ckpt_dir / "trainer.pt", weights_only=False)
+        except (RuntimeError, EOFError, OSError) as e:
+            raise ValueError(f"cannot read {ckpt_dir / 'trainer.pt'} ({e}); the checkpoint is damaged: "
+                             f"pass --overwrite to start the run again") from None
         optimizer.load_state_dict(saved["optimizer"])
         if scaler and saved["scaler"]:
             scaler.load_state_dict(saved["scaler"])
@@ -268,10 +274,12 @@ def run_source(source: str, args, ctx: Context) -> dict:
         state = {k: saved[k] for k in state}
         log(f"[{source}] resuming after epoch {state['epoch']} (step {state['step']})")
     elif rank == 0:
-        if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:
-            raise ValueError(f"run folder {run_dir} already exists: pass --resume to continue it, "
-                             f"--overwrite to replace it, or --run-name to pick another")
-        shutil.rmtree(run_dir, ignore_errors=True)
+        replaced = run_dir.with_name(run_dir.name + ".replaced")
+        if (run_dir / "results.json").exists():  # --overwrite of a finished run: kept until this one ends
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(run_dir, replaced)
+            log(f"[{source}] --overwrite: the finished run is kept in {replaced} until this one finishes")
+        shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run (checked by plan_run_folder)
         run_dir.mkdir(parents=True)
         write_json_atomic(run_dir / "config.json", {
             **vars(args), "source": source, "git_commit": git_commit(), "world_size": world,
@@ -343,7 +351,46 @@ def run_source(source: str, args, ctx: Context) -> dict:
     results["change_from_base"] = {t: results["test"][t]["accuracy"] - ctx.base[t]["accuracy"]
                                    for t in results["test"] if t in ctx.base}
     write_json_atomic(run_dir / "results.json", results)
+    shutil.rmtree(run_dir.with_name(run_dir.name + ".replaced"), ignore_errors=True)
     return results
+
+
+# What a resumed run must share with the run it continues (saved in its config.json); anything else
+# (device, batch size of evaluation, timeouts, where runs go) may differ.
+SAME_ON_RESUME = ("model", "task", "seed", "n_train", "n_val", "n_test", "eval_tasks", "max_new_tokens",
+                  "k", "temperature", "top_p", "self_fallback", "filter_correct", "lora_r", "lora_alpha",
+                  "lora_dropout", "lora_targets", "epochs", "batch_size", "micro_batch", "lr", "warmup_ratio",
+                  "weight_decay", "grad_clip", "max_seq_len", "dtype", "gen_dtype")
+
+
+def run_folder(source: str, args) -> Path:
+    name = args.run_name or f"{args.task}-{source.replace(':', '_').replace('/', '_')}-{args.model.split('/')[-1]}-s{args.seed}"
+    return Path(args.runs_dir) / name
+
+
+def plan_run_folder(run_dir: Path, args) -> bool:
+    """True if this run continues run_dir's last checkpoint (--resume). Raises ValueError when
+    run_dir holds a run that neither --resume nor --overwrite was given for, or when --resume is
+    given with settings other than the saved run's. Changes nothing on disk."""
+    checkpoint = run_dir / "checkpoint" / "trainer.pt"
+    exists = run_dir.exists() and any(run_dir.iterdir())
+    if args.resume and checkpoint.exists():
+        try:
+            saved = json.loads((run_dir / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read {run_dir / 'config.json'} ({e}): pass --overwrite to start again") from None
+        changed = [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(args, k)}" for k in SAME_ON_RESUME
+                   if k in saved and saved[k] != getattr(args, k)]  # (a key an older version did not save: skipped)
+        if changed:
+            raise ValueError(f"--resume continues {run_dir} with its own settings, but these differ: "
+                             f"{'; '.join(changed)}. Use the run's settings, or --overwrite / --run-name for a new run")
+        return True
+    if exists and not args.resume and not args.overwrite:
+        raise ValueError(f"run folder {run_dir} already exists: pass --resume to continue it, "
+                         f"--overwrite to replace it, or --run-name to pick another")
+    if exists and args.resume and (run_dir / "results.json").exists():
+        raise ValueError(f"{run_dir} holds a finished run without a checkpoint to resume; pass --overwrite to replace it")
+    return False  # a new run; --resume of a run killed before its first checkpoint starts it again
 
 
 def eval_task_list(args) -> list[str]:
@@ -373,15 +420,27 @@ def evaluate_base(args, ctx: Context) -> dict:
     from model import Transformer
     from sources import write_json_atomic
 
-    slug = Path(str(args.model)).name
+    import hashlib
+    # the folder's name and a hash of its full path: two models in folders of the same name
+    # (a/model, b/model) must not share one baseline
+    where = str(Path(ctx.model_folder).resolve())
+    slug = f"{Path(where).name}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
     folder = Path(args.runs_dir) / f"base-{slug}-n{args.n_test}-tok{args.max_new_tokens}-{args.dtype}"
     path = folder / "results.json"
-    done = json.loads(path.read_text())["test"] if path.exists() else {}
+    done = {}
+    if path.exists():
+        try:
+            done = json.loads(path.read_text()).get("test")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            done = None
+        if not isinstance(done, dict):
+            raise ValueError(f"{path} (the untuned model's cached scores) is damaged; delete it and run "
+                             f"again to re-evaluate")
     missing = [t for t in eval_task_list(args) if t not in done]
     if missing:
         model = Transformer.from_pretrained(ctx.model_folder, args.dtype, ctx.device)
         done.update(score_tasks(model, args, ctx, missing, folder, "base"))
-        write_json_atomic(path, {"model": args.model, "test": done})
+        write_json_atomic(path, {"model": args.model, "model_folder": where, "test": done})
     return done
 
 
@@ -442,6 +501,36 @@ def build_parser():
     return ap
 
 
+def check_args(args) -> None:
+    """ValueError, naming the flag, for a value that cannot work; run before anything is built,
+    evaluated or written (the base evaluation alone takes minutes)."""
+    from model import usable_device
+    sources.default_gen(**sources.generation_overrides(args))
+    for source in args.source:
+        sources.source_kind(source)
+    sources.check_at_least_one(**{flag: getattr(args, flag) for flag in (  # n_test None: the whole test set
+        "n_train", "n_val", "n_test", "epochs", "batch_size", "micro_batch", "eval_batch_size", "max_seq_len",
+        "lora_r")})
+    sources.check_output_folder(args.runs_dir, "--runs-dir")
+    finite = lambda x: math.isfinite(x)  # noqa: E731
+    if not (finite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a finite number > 0; got {args.lr}")
+    if not 0 <= args.warmup_ratio <= 1:
+        raise ValueError(f"--warmup-ratio must be between 0 and 1; got {args.warmup_ratio}")
+    if not (finite(args.weight_decay) and args.weight_decay >= 0):
+        raise ValueError(f"--weight-decay must be a finite number >= 0; got {args.weight_decay}")
+    if not (finite(args.grad_clip) and args.grad_clip > 0):
+        raise ValueError(f"--grad-clip must be a finite number > 0; got {args.grad_clip}")
+    if not (finite(args.lora_alpha) and args.lora_alpha > 0):
+        raise ValueError(f"--lora-alpha must be a finite number > 0; got {args.lora_alpha}")
+    if not 0 <= args.lora_dropout < 1:
+        raise ValueError(f"--lora-dropout must be in [0, 1); got {args.lora_dropout}")
+    if not 0 <= args.seed < 2 ** 63:
+        raise ValueError(f"--seed must be between 0 and 2**63 - 1; got {args.seed}")
+    if args.device is not None:
+        usable_device(args.device)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line, with a --preset's values as the defaults: whatever the user typed still
     wins, however it was typed (`--lr=1e-4`, an abbreviated `--epoch 3`)."""
@@ -465,9 +554,7 @@ def main(argv=None):
         sys.exit(f"error: --dist-timeout-hours must be a finite number of hours, at least 1 ms; "
                  f"got {args.dist_timeout_hours}")
     try:  # before anything is built or written
-        sources.default_gen(**sources.generation_overrides(args))
-        for source in args.source:
-            sources.source_kind(source)
+        check_args(args)
     except ValueError as e:
         sys.exit(f"error: {e}")
     import tasks
@@ -489,6 +576,8 @@ def main(argv=None):
         tok = Tokenizer.from_folder(folder)
         args.pad_id = tok.pad_id
         ctx = Context(folder, tok, rank, world, device)
+        for source in args.source:  # a run folder clash is an error now, not after hours of work
+            plan_run_folder(run_folder(source, args), args)
         if rank == 0:
             ctx.base = evaluate_base(args, ctx)
         all_results = [run_source(source, args, ctx) for source in args.source]

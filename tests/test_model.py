@@ -216,3 +216,15 @@ def test_bf16_load_close_to_fp32(saved):
     with torch.no_grad():
         pa, pb = a(ids).softmax(-1), b(ids).float().softmax(-1)
     assert (pa - pb).abs().max().item() < 0.05
+
+
+def test_an_unusable_device_is_a_clear_error(capsys):
+    from model import main, usable_device
+    assert usable_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device 'nosuch'"):
+        usable_device("nosuch")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA GPU here; use --device cpu"):
+            usable_device("cuda")
+        with pytest.raises(SystemExit, match="sees no CUDA GPU"):  # every CLI: one line, no traceback
+            main(["--prompt", "hi", "--device", "cuda"])

@@ -201,3 +201,24 @@ def test_bad_generation_settings_are_one_line_errors(flag, value, needle, tmp_pa
             main(["--source", "self", flag, value] + (["--runs-dir", str(tmp_path)] if main is train.main else []))
         assert needle in str(e.value)
     assert not any(tmp_path.iterdir())  # train.py stopped before writing anything
+
+
+@pytest.mark.parametrize("damage", ["torn last line", "empty", "not json"])
+def test_a_damaged_cached_set_is_an_error_not_a_smaller_set(damage):
+    records, manifest = sources.build("human", n_train=4, progress=False)
+    data = sources.Path(manifest["cache_folder"]) / "data.jsonl"
+    raw = data.read_bytes()
+    data.write_bytes({"torn last line": raw[:-40], "empty": b"", "not json": b"\xff" + raw}[damage])
+    with pytest.raises(ValueError, match="is damaged .*delete that folder and run again"):
+        sources.build("human", n_train=4, progress=False)
+    with pytest.raises(SystemExit, match="is damaged"):
+        sources.main(["--source", "human", "--n-train", "4"])
+    data.write_bytes(raw)
+    assert sources.build("human", n_train=4, progress=False)[0] == records
+
+
+def test_write_json_atomic_leaves_no_temp_file_when_it_fails(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(IsADirectoryError):
+        sources.write_json_atomic(tmp_path / "out", {"a": 1})  # the target is a folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

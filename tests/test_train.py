@@ -213,3 +213,99 @@ def test_torchrun_ranks_give_up_after_the_timeout(tiny_dir, tmp_path):
     assert p.returncode != 0
     # gloo and the store say "timed out after 1ms", "wait timeout after 1ms" or "Timed out waiting 1ms"
     assert re.search(r"(timed out|timeout)\D{0,12}\b1 ?ms", p.stderr, re.I), p.stderr[-3000:]
+
+
+def finished_run(tiny_dir, tmp_path):
+    train.main(base_args(tiny_dir, tmp_path, epochs=1))
+    run = tmp_path / "runs" / "r"
+    assert (run / "results.json").is_file() and (run / "checkpoint" / "trainer.pt").is_file()
+    return run
+
+
+def test_overwrite_keeps_the_finished_run_until_the_new_one_finishes(tiny_dir, tmp_path, monkeypatch):
+    run = finished_run(tiny_dir, tmp_path)
+    old_results = (run / "results.json").read_text()
+    real_step = train.train_step
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(train, "train_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(base_args(tiny_dir, tmp_path, epochs=1, lr=0.02) + ["--overwrite"])
+    kept = run.with_name("r.replaced")
+    assert (kept / "results.json").read_text() == old_results and (kept / "adapter").is_dir()
+    assert not (run / "results.json").exists()  # the new run did not finish
+    monkeypatch.setattr(train, "train_step", real_step)
+    with pytest.raises(KeyboardInterrupt):  # another failed attempt keeps the same finished run
+        monkeypatch.setattr(train, "train_step", killed)
+        train.main(base_args(tiny_dir, tmp_path, epochs=1, lr=0.02) + ["--overwrite"])
+    assert (kept / "results.json").read_text() == old_results
+    monkeypatch.setattr(train, "train_step", real_step)
+    train.main(base_args(tiny_dir, tmp_path, epochs=1, lr=0.02) + ["--overwrite"])
+    assert not kept.exists() and json.loads((run / "config.json").read_text())["lr"] == 0.02
+    assert (run / "results.json").is_file()
+
+
+def test_resume_before_the_first_checkpoint_starts_again(tiny_dir, tmp_path, monkeypatch):
+    real_step = train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+    with pytest.raises(KeyboardInterrupt):
+        train.main(base_args(tiny_dir, tmp_path, epochs=1))
+    run = tmp_path / "runs" / "r"
+    assert (run / "config.json").is_file() and not (run / "checkpoint").exists()
+    monkeypatch.setattr(train, "train_step", real_step)
+    train.main(base_args(tiny_dir, tmp_path, epochs=1) + ["--resume"])
+    assert (run / "results.json").is_file()
+
+
+def test_resume_refuses_other_settings(tiny_dir, tmp_path):
+    run = finished_run(tiny_dir, tmp_path)
+    config = (run / "config.json").read_text()
+    for flag, value, shown in (("lr", "5e-4", "--lr 0.01 -> 0.0005"), ("epochs", "2", "--epochs 1 -> 2"),
+                               ("n_train", "6", "--n-train 12 -> 6")):
+        with pytest.raises(SystemExit, match=f"these differ: {re.escape(shown)}"):
+            train.main(base_args(tiny_dir, tmp_path, **{"epochs": 1, flag: value}) + ["--resume"])
+    assert (run / "config.json").read_text() == config
+    # the same settings (and another device string or evaluation batch) are fine
+    train.main(base_args(tiny_dir, tmp_path, epochs=1, eval_batch_size=3) + ["--resume", "--device", "cpu"])
+
+
+def test_base_scores_are_not_shared_by_models_in_folders_of_the_same_name(tiny_dir, tmp_path, monkeypatch):
+    import shutil
+    scored = []
+    monkeypatch.setattr(train, "score_tasks", lambda model, args, ctx, tasks_, folder, label: (
+        scored.append(ctx.model_folder), {t: {"accuracy": 0.5} for t in tasks_})[1])
+    monkeypatch.setattr(Transformer, "from_pretrained", classmethod(lambda cls, *a, **k: None))
+    for where in ("a", "b"):
+        shutil.copytree(tiny_dir, tmp_path / where / "m")
+    args = train.parse_args(base_args(tiny_dir, tmp_path))
+    for where in ("a", "b", "a"):
+        ctx = train.Context(tmp_path / where / "m", None, 0, 1, "cpu")
+        assert train.evaluate_base(args, ctx) == {"gsm8k": {"accuracy": 0.5}}
+    assert scored == [tmp_path / "a" / "m", tmp_path / "b" / "m"]  # "a" again: its own cached scores
+    bases = sorted((tmp_path / "runs").glob("base-m-*"))
+    assert len(bases) == 2
+    for base in bases:
+        (base / "results.json").write_text("[]")
+    with pytest.raises(ValueError, match="is damaged; delete it"):
+        train.evaluate_base(args, train.Context(tmp_path / "a" / "m", None, 0, 1, "cpu"))
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--batch-size", "0"], "--batch-size must be at least 1"), (["--n-test", "-1"], "--n-test must be at least 1"),
+    (["--warmup-ratio", "nan"], "--warmup-ratio must be between 0 and 1"), (["--lr", "inf"], "--lr must be a finite"),
+    (["--seed", str(2 ** 70)], "--seed must be between 0"), (["--source", "human", "bogus"], "unknown source 'bogus'"),
+    (["--device", "nosuch"], "unknown device 'nosuch'")])
+def test_bad_flags_stop_before_anything_runs(flags, needle, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--runs-dir", str(tmp_path / "runs")] + flags)
+    assert needle in str(e.value) and not (tmp_path / "runs").exists()
+
+
+def test_a_clashing_run_folder_stops_before_the_base_evaluation(tiny_dir, tmp_path, monkeypatch):
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / "config.json").write_text("{}")
+    monkeypatch.setattr(train, "evaluate_base", lambda *a: pytest.fail("evaluated before checking the folder"))
+    with pytest.raises(SystemExit, match="already exists"):
+        train.main(base_args(tiny_dir, tmp_path))
