@@ -189,8 +189,11 @@ def main(argv=None):
 
     try:
         tok = Tokenizer.from_folder(resolve_model(args.model))
+        import tasks
+        if args.task in tasks.TASKS and not tasks.has_train(args.task):
+            raise ValueError(f"--task {args.task} has no training split (it is evaluation-only); "
+                             f"show one of {', '.join(t for t in tasks.TASKS if tasks.has_train(t))}")
         if args.source == "human":
-            import tasks
             pairs = [(e.prompt, e.answer) for e in tasks.splits(args.task, seed=args.seed)["train"][: args.n]]
         else:
             import sources

@@ -671,7 +671,15 @@ def load_run(path) -> dict:
     f = p / "results.json" if p.is_dir() else p
     if not f.is_file():
         raise FileNotFoundError(f"{f} not found: is {path} a finished run folder (train.py writes results.json)?")
-    return json.loads(f.read_text())
+    try:
+        run = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{f} is not readable JSON ({e})") from None
+    missing = [k for k in ("source", "model", "task", "test", "perplexity") if not isinstance(run, dict) or k not in run]
+    if missing:  # e.g. a runs/base-... folder, which holds only the untuned model's scores
+        raise ValueError(f"{f} is not a trained run's results (no {', '.join(missing)}): give the run folders "
+                         f"train.py made, runs/<task>-<source>-<model>-s<seed>")
+    return run
 
 
 def write_report(run_paths: Sequence[str], out_dir: str | None = None) -> Path:

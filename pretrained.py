@@ -89,19 +89,25 @@ def package_file(package: str, relpath: str, pip: str) -> Path:
     return path
 
 
+def check_model_name(name_or_dir: str | os.PathLike) -> None:
+    """FileNotFoundError unless this names a packaged model or an HF-format folder (no conversion:
+    cheap, for checking a command line before any work)."""
+    name = str(name_or_dir)
+    if name not in PACKAGED and not (Path(name).expanduser() / "config.json").is_file():
+        raise FileNotFoundError(f"unknown model '{name}': use one of {', '.join(PACKAGED)} "
+                                f"or an HF-format folder with a config.json")
+
+
 def resolve_model(name_or_dir: str | os.PathLike) -> Path:
     """A short name -> its converted folder (converting on first use); a folder -> itself."""
+    check_model_name(name_or_dir)
     name = str(name_or_dir)
     if name in PACKAGED:
         folder = cache_root() / name
         if not (folder / "config.json").is_file():
             convert(name, folder)
         return folder
-    path = Path(name).expanduser()
-    if (path / "config.json").is_file():
-        return path
-    raise FileNotFoundError(f"unknown model '{name}': use one of {', '.join(PACKAGED)} "
-                            f"or an HF-format folder with a config.json")
+    return Path(name).expanduser()
 
 
 # ----------------------------------------------------------------------------------------------

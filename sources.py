@@ -416,6 +416,9 @@ def build(source, model="smollm2-135m-instruct", task="gsm8k", n_train=None, see
     if final.exists() and manifest_path.exists():
         return read_built(folder)
 
+    from pretrained import check_model_name
+    for name in [model] + ([arg] if kind in ("teacher", "minimum-change") else []):
+        check_model_name(name)  # before a cache folder is made for a model that does not exist
     examples = tasks.splits(task, n_train=n_train, seed=seed)["train"]
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -506,8 +506,13 @@ def check_args(args) -> None:
     evaluated or written (the base evaluation alone takes minutes)."""
     from model import usable_device
     sources.default_gen(**sources.generation_overrides(args))
+    from pretrained import check_model_name
     for source in args.source:
-        sources.source_kind(source)
+        kind, arg = sources.source_kind(source)
+        if kind in ("teacher", "minimum-change"):
+            check_model_name(arg)  # a teacher that does not exist: now, not after the first source trained
+        if kind == "file":
+            sources.file_fingerprint(arg)
     sources.check_at_least_one(**{flag: getattr(args, flag) for flag in (  # n_test None: the whole test set
         "n_train", "n_val", "n_test", "epochs", "batch_size", "micro_batch", "eval_batch_size", "max_seq_len",
         "lora_r")})
@@ -555,7 +560,7 @@ def main(argv=None):
                  f"got {args.dist_timeout_hours}")
     try:  # before anything is built or written
         check_args(args)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     import tasks
     if args.task not in tasks.TASKS or not tasks.has_train(args.task):

@@ -71,3 +71,17 @@ def test_a_damaged_tokenizer_is_one_clear_error(tmp_path, smollm2_dir):
     (tmp_path / "tokenizer.json").write_bytes((smollm2_dir / "tokenizer.json").read_bytes()[:5000])
     with pytest.raises(ValueError, match="tokenizer.json .*the file is damaged"):
         Tokenizer.from_folder(str(tmp_path))
+
+
+def test_report_on_a_folder_that_is_not_a_trained_run(tmp_path):
+    base = tmp_path / "base-m-n32"
+    base.mkdir()
+    (base / "results.json").write_text(json.dumps({"model": "m", "test": {}}))
+    assert "is not a trained run's results (no source, task, perplexity)" in error_of(ev.main, ["report", str(base)])
+    (base / "results.json").write_text("[]")
+    assert "is not a trained run's results" in error_of(ev.main, ["report", str(base)])
+
+
+def test_show_on_an_evaluation_only_task():
+    import data
+    assert "--task csqa has no training split" in error_of(data.main, ["show", "--task", "csqa"])

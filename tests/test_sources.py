@@ -222,3 +222,10 @@ def test_write_json_atomic_leaves_no_temp_file_when_it_fails(tmp_path):
     with pytest.raises(IsADirectoryError):
         sources.write_json_atomic(tmp_path / "out", {"a": 1})  # the target is a folder
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("source,model", [("human", "nosuch"), ("teacher:nosuch", "smollm2-135m-instruct")])
+def test_an_unknown_model_leaves_no_cache_folder(source, model, tmp_path):
+    with pytest.raises(FileNotFoundError, match="unknown model 'nosuch'"):
+        sources.build(source, model, n_train=2, progress=False)
+    assert not (tmp_path / "sources").exists()

@@ -296,7 +296,9 @@ def test_base_scores_are_not_shared_by_models_in_folders_of_the_same_name(tiny_d
     (["--batch-size", "0"], "--batch-size must be at least 1"), (["--n-test", "-1"], "--n-test must be at least 1"),
     (["--warmup-ratio", "nan"], "--warmup-ratio must be between 0 and 1"), (["--lr", "inf"], "--lr must be a finite"),
     (["--seed", str(2 ** 70)], "--seed must be between 0"), (["--source", "human", "bogus"], "unknown source 'bogus'"),
-    (["--device", "nosuch"], "unknown device 'nosuch'")])
+    (["--device", "nosuch"], "unknown device 'nosuch'"),
+    (["--source", "human", "teacher:nosuch"], "unknown model 'nosuch'"),
+    (["--source", "file:/nonexistent.json"], "file source /nonexistent.json does not exist")])
 def test_bad_flags_stop_before_anything_runs(flags, needle, tmp_path):
     with pytest.raises(SystemExit) as e:
         train.main(["--runs-dir", str(tmp_path / "runs")] + flags)
