@@ -708,7 +708,8 @@ def load_safetensors_folder(path: Path) -> dict[str, torch.Tensor]:
         try:
             state.update(load_file(f))
         except (SafetensorError, OSError, ValueError) as e:
-            raise ModelLoadError(f"cannot read {f} (truncated or corrupt?): {e}") from None
+            raise ModelLoadError(f"cannot read {f} (truncated or corrupt?): {e}; copy the model again, or for "
+                                 f"a packaged model delete {path} and run again (it is converted anew)") from None
     return state
 
 

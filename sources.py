@@ -281,13 +281,16 @@ def add_generation_args(group, max_new_tokens: bool = True) -> None:
                             "(default ground_truth; drop keeps only the model's own correct answers)")
     group.add_argument("--filter-correct", action="store_true", default=None,
                        help="teacher: drop answers whose final answer is wrong (default: keep all, as the paper)")
+    group.add_argument("--gen-batch-size", type=int, default=None,
+                       help="prompts per generation batch (default 16; sources.py --batch-size); bf16 sampling "
+                            "depends on the batching, so it is part of the cache key")
 
 
 def generation_overrides(args) -> dict:
     """default_gen's overrides from the flags of add_generation_args."""
     return {"k": args.k, "temperature": args.temperature, "top_p": args.top_p,
             "max_new_tokens": args.max_new_tokens, "self_fallback": args.self_fallback,
-            "filter_correct": args.filter_correct}
+            "filter_correct": args.filter_correct, "batch_size": args.gen_batch_size}
 
 
 class ModelCache:
@@ -506,14 +509,15 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="split and sampling seed")
     g = ap.add_argument_group("generation")
     add_generation_args(g)
-    g.add_argument("--batch-size", type=int, default=None, help="prompts per generation batch (default 16)")
+    g.add_argument("--batch-size", type=int, default=None, help="the same as --gen-batch-size")
     g.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"],
                    help="generation dtype (bf16: ~2x faster on CPU; part of the cache key)")
     g.add_argument("--device", default=None, help="cpu, cuda or mps (default: best available)")
     args = ap.parse_args(argv)
     try:
         records, manifest = build(args.source, args.model, args.task, args.n_train, args.seed, args.dtype,
-                                  args.device, True, batch_size=args.batch_size, **generation_overrides(args))
+                                  args.device, True, **{**generation_overrides(args),
+                                                        "batch_size": args.batch_size or args.gen_batch_size})
         from pretrained import resolve_model
         from tokenizer import Tokenizer
         tok = Tokenizer.from_folder(resolve_model(args.model))

@@ -204,7 +204,7 @@ def run_source(source: str, args, ctx: Context) -> dict:
     rank, world, tok = ctx.rank, ctx.world, ctx.tok
     run_dir = run_folder(source, args)
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    resuming = plan_run_folder(run_dir, args)  # (main checked every source's folder before any work)
+    resuming = plan_run_folder(run_dir, source, args)  # (main checked every source's folder before any work)
     if args.resume and not resuming:
         log(f"[{source}] --resume: {run_dir} has no finished epoch to continue; starting the run from the beginning")
 
@@ -236,7 +236,7 @@ def run_source(source: str, args, ctx: Context) -> dict:
             f"over {ppl['tokens']} tokens")
 
     # 3. LoRA fine-tuning
-    targets = args.lora_targets if args.lora_targets == "all-linear" else args.lora_targets.split(",")
+    targets = lora_target_list(args.lora_targets)
     lora_cfg = LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets)
     inject_lora(model, lora_cfg.targets, lora_cfg.r, lora_cfg.alpha, lora_cfg.dropout, seed=args.seed)
     trainable, total = count_parameters(model)
@@ -355,12 +355,28 @@ def run_source(source: str, args, ctx: Context) -> dict:
     return results
 
 
-# What a resumed run must share with the run it continues (saved in its config.json); anything else
+# What a resumed run must share with the run it continues (saved in its config.json), besides its
+# source and the hash of its training set (which covers the generation settings); anything else
 # (device, batch size of evaluation, timeouts, where runs go) may differ.
-SAME_ON_RESUME = ("model", "task", "seed", "n_train", "n_val", "n_test", "eval_tasks", "max_new_tokens",
-                  "k", "temperature", "top_p", "self_fallback", "filter_correct", "lora_r", "lora_alpha",
-                  "lora_dropout", "lora_targets", "epochs", "batch_size", "micro_batch", "lr", "warmup_ratio",
-                  "weight_decay", "grad_clip", "max_seq_len", "dtype", "gen_dtype")
+SAME_ON_RESUME = ("model", "task", "seed", "n_train", "n_val", "n_test", "max_new_tokens", "lora_r",
+                  "lora_alpha", "lora_dropout", "lora_targets", "epochs", "batch_size", "micro_batch", "lr",
+                  "warmup_ratio", "weight_decay", "grad_clip", "max_seq_len", "dtype")
+
+
+def lora_target_list(lora_targets: str) -> list[str] | str:
+    return lora_targets if lora_targets == "all-linear" else lora_targets.split(",")
+
+
+def check_lora_targets(model_folder: Path, lora_targets: str) -> None:
+    """ValueError now if --lora-targets selects no layer of this model (shapes only, no weights),
+    rather than after the base evaluation and the training set."""
+    from lora import target_module_names
+    from model import ModelConfig, Transformer
+    with torch.device("meta"):
+        shapes = Transformer(ModelConfig.from_json(Path(model_folder) / "config.json"))
+    if not target_module_names(shapes, lora_target_list(lora_targets)):
+        raise ValueError(f"--lora-targets {lora_targets} selects no linear layer of this model (names look "
+                         f"like model.layers.0.self_attn.q_proj; e.g. q_proj,v_proj or all-linear)")
 
 
 def run_folder(source: str, args) -> Path:
@@ -368,19 +384,39 @@ def run_folder(source: str, args) -> Path:
     return Path(args.runs_dir) / name
 
 
-def plan_run_folder(run_dir: Path, args) -> bool:
+def training_set_hash(source: str, args) -> str:
+    """The hash that names `source`'s cached training set for these settings (sources.cache_folder),
+    computed without building it."""
+    gen = sources.default_gen(**sources.generation_overrides(args), dtype=args.gen_dtype)
+    inputs = sources.build_inputs(source, args.model, args.task, args.n_train, args.seed, gen)
+    return sources.cache_folder(inputs).name.rsplit("-", 1)[-1]
+
+
+def plan_run_folder(run_dir: Path, source: str, args) -> bool:
     """True if this run continues run_dir's last checkpoint (--resume). Raises ValueError when
     run_dir holds a run that neither --resume nor --overwrite was given for, or when --resume is
-    given with settings other than the saved run's. Changes nothing on disk."""
+    given for another source, another training set or other settings than the saved run's.
+    Changes nothing on disk."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"{run_dir} is a file, not a run folder; move it, or pick another --run-name / --runs-dir")
     checkpoint = run_dir / "checkpoint" / "trainer.pt"
     exists = run_dir.exists() and any(run_dir.iterdir())
     if args.resume and checkpoint.exists():
         try:
             saved = json.loads((run_dir / "config.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read {run_dir / 'config.json'} ({e}): pass --overwrite to start again") from None
-        changed = [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(args, k)}" for k in SAME_ON_RESUME
-                   if k in saved and saved[k] != getattr(args, k)]  # (a key an older version did not save: skipped)
+            saved_set = saved["manifest"]["inputs_sha256"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"cannot read the settings in {run_dir / 'config.json'} ({e!r}): pass --overwrite "
+                             f"to start again") from None
+        changed = [f"--source {saved.get('source')} -> {source}"] if saved.get("source") != source else []
+        changed += [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(args, k)}" for k in SAME_ON_RESUME
+                    if k in saved and saved[k] != getattr(args, k)]  # (a key an older version did not save: skipped)
+        if "eval_tasks" in saved and set(saved["eval_tasks"]) != set(args.eval_tasks):
+            changed.append(f"--eval-tasks {' '.join(saved['eval_tasks'])} -> {' '.join(args.eval_tasks)}")
+        if not changed and saved_set != training_set_hash(source, args):
+            changed.append(f"the training set (cache {source.split(':')[0]}-{saved_set} -> "
+                           f"{training_set_hash(source, args)}: other generation settings, or built by a version "
+                           f"with another answer rule)")
         if changed:
             raise ValueError(f"--resume continues {run_dir} with its own settings, but these differ: "
                              f"{'; '.join(changed)}. Use the run's settings, or --overwrite / --run-name for a new run")
@@ -484,8 +520,8 @@ def build_parser():
     s = ap.add_argument_group("system")
     s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                    help="weights dtype (CUDA always autocasts to bf16/fp16); bf16 is ~2x faster on CPU")
-    s.add_argument("--gen-dtype", default="bf16", choices=["fp32", "bf16"],
-                   help="dtype for building sources by generation")
+    s.add_argument("--gen-dtype", default="bf16", choices=["fp32", "bf16", "fp16"],
+                   help="dtype for building sources by generation (sources.py --dtype)")
     s.add_argument("--device", default=None, help="cpu, cuda or mps (default: best available)")
     s.add_argument("--eval-batch-size", type=int, default=32,
                    help="batch size for perplexity and evaluation (32: on a CPU a decoding step of 32 rows costs "
@@ -530,10 +566,16 @@ def check_args(args) -> None:
         raise ValueError(f"--lora-alpha must be a finite number > 0; got {args.lora_alpha}")
     if not 0 <= args.lora_dropout < 1:
         raise ValueError(f"--lora-dropout must be in [0, 1); got {args.lora_dropout}")
-    if not 0 <= args.seed < 2 ** 63:
-        raise ValueError(f"--seed must be between 0 and 2**63 - 1; got {args.seed}")
+    if not 0 <= args.seed < 2 ** 30:  # later stages derive their seeds from it, times ~1e10
+        raise ValueError(f"--seed must be between 0 and 2**30 - 1; got {args.seed}")
     if args.device is not None:
         usable_device(args.device)
+    import tasks
+    unknown = [t for t in args.eval_tasks if t not in tasks.TASKS]
+    if unknown:
+        raise ValueError(f"--eval-tasks: unknown {', '.join(unknown)} (use {', '.join(tasks.TASKS)})")
+    if args.task in tasks.TASKS and tasks.has_train(args.task):
+        tasks.splits(args.task, n_train=args.n_train, n_val=args.n_val, seed=args.seed)  # sizes that fit
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -577,12 +619,13 @@ def main(argv=None):
     if world > 1 and device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     try:
+        for source in args.source:  # a run folder clash is an error now, not after hours of work
+            plan_run_folder(run_folder(source, args), source, args)
         folder = resolve_model(args.model)
+        check_lora_targets(folder, args.lora_targets)
         tok = Tokenizer.from_folder(folder)
         args.pad_id = tok.pad_id
         ctx = Context(folder, tok, rank, world, device)
-        for source in args.source:  # a run folder clash is an error now, not after hours of work
-            plan_run_folder(run_folder(source, args), args)
         if rank == 0:
             ctx.base = evaluate_base(args, ctx)
         all_results = [run_source(source, args, ctx) for source in args.source]

@@ -173,8 +173,9 @@ def test_train_and_perplexity_find_the_set_sources_built(monkeypatch, tiny_model
     """The generation flags reach the build from every command line (they are in the cache key)."""
     import perplexity
     import train
-    flags = ["--k", "3", "--temperature", "0.5", "--top-p", "0.9", "--self-fallback", "drop", "--filter-correct"]
-    want = dict(k=3, temperature=0.5, top_p=0.9, self_fallback="drop", filter_correct=True)
+    flags = ["--k", "3", "--temperature", "0.5", "--top-p", "0.9", "--self-fallback", "drop", "--filter-correct",
+             "--gen-batch-size", "8"]
+    want = dict(k=3, temperature=0.5, top_p=0.9, self_fallback="drop", filter_correct=True, batch_size=8)
     got = sources.generation_overrides(train.parse_args(flags + ["--max-new-tokens", "64"]))
     assert got == {**want, "max_new_tokens": 64}
     seen = {}

@@ -266,9 +266,18 @@ def test_resume_refuses_other_settings(tiny_dir, tmp_path):
                                ("n_train", "6", "--n-train 12 -> 6")):
         with pytest.raises(SystemExit, match=f"these differ: {re.escape(shown)}"):
             train.main(base_args(tiny_dir, tmp_path, **{"epochs": 1, flag: value}) + ["--resume"])
-    assert (run / "config.json").read_text() == config
-    # the same settings (and another device string or evaluation batch) are fine
-    train.main(base_args(tiny_dir, tmp_path, epochs=1, eval_batch_size=3) + ["--resume", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="these differ: --source human -> self"):  # --run-name hides the source
+        train.main(base_args(tiny_dir, tmp_path, epochs=1, source="self") + ["--resume"])
+    saved = json.loads(config)
+    saved["manifest"]["inputs_sha256"] = "0" * 16  # as if built with other generation settings or rules
+    (run / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match="these differ: the training set"):
+        train.main(base_args(tiny_dir, tmp_path, epochs=1) + ["--resume"])
+    (run / "config.json").write_text(config)
+    # the same settings, also typed out (the defaults of generation flags), and another device
+    # string or evaluation batch, are fine
+    train.main(base_args(tiny_dir, tmp_path, epochs=1, eval_batch_size=3, k=2, temperature=0.7)
+               + ["--resume", "--device", "cpu"])
 
 
 def test_base_scores_are_not_shared_by_models_in_folders_of_the_same_name(tiny_dir, tmp_path, monkeypatch):
@@ -298,11 +307,26 @@ def test_base_scores_are_not_shared_by_models_in_folders_of_the_same_name(tiny_d
     (["--seed", str(2 ** 70)], "--seed must be between 0"), (["--source", "human", "bogus"], "unknown source 'bogus'"),
     (["--device", "nosuch"], "unknown device 'nosuch'"),
     (["--source", "human", "teacher:nosuch"], "unknown model 'nosuch'"),
-    (["--source", "file:/nonexistent.json"], "file source /nonexistent.json does not exist")])
+    (["--source", "file:/nonexistent.json"], "file source /nonexistent.json does not exist"),
+    (["--eval-tasks", "nosuch"], "--eval-tasks: unknown nosuch"), (["--n-train", "10000000"], "n_train=10000000"),
+    (["--seed", str(2 ** 30)], "--seed must be between 0 and 2**30 - 1")])
 def test_bad_flags_stop_before_anything_runs(flags, needle, tmp_path):
     with pytest.raises(SystemExit) as e:
         train.main(["--runs-dir", str(tmp_path / "runs")] + flags)
     assert needle in str(e.value) and not (tmp_path / "runs").exists()
+
+
+def test_lora_targets_that_select_nothing_stop_before_the_base_evaluation(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "evaluate_base", lambda *a: pytest.fail("evaluated before checking the targets"))
+    with pytest.raises(SystemExit, match="--lora-targets nosuch_proj selects no linear layer"):
+        train.main(base_args(tiny_dir, tmp_path, lora_targets="nosuch_proj"))
+
+
+def test_a_file_where_the_run_folder_goes_is_one_line(tiny_dir, tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "r").write_text("x")
+    with pytest.raises(SystemExit, match="is a file, not a run folder"):
+        train.main(base_args(tiny_dir, tmp_path))
 
 
 def test_a_clashing_run_folder_stops_before_the_base_evaluation(tiny_dir, tmp_path, monkeypatch):
