@@ -263,7 +263,11 @@ def convert(name: str, folder: Path) -> None:
         raise FileNotFoundError("package 'gguf' is not installed; install it with: pip install gguf") from None
     from safetensors.torch import save_file
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"cannot make the model cache {folder.parent}: a file is in the way "
+                         f"(check $ILB_CACHE, or ~/.cache/ilearnbetter)") from None
     remove_stale_partials(folder)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.partial-"))
     try:

@@ -169,9 +169,12 @@ def normalize_question(text: str) -> str:
 def read_file_source(path: str) -> list[dict]:
     """A JSON list, or JSONL, of objects with a question and an answer; errors name the line."""
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"file source {path} does not exist")
-    text = p.read_text()
+    file_fingerprint(path)  # it exists and is a file
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); expected a JSON list or "
+                         f"JSONL of {{question, answer}}") from None
     if not text.strip():
         raise ValueError(f"{path}: the file is empty; expected a JSON list or JSONL of {{question, answer}}")
     if text.lstrip().startswith("["):
@@ -219,6 +222,8 @@ def source_kind(source: str) -> tuple[str, str | None]:
 
 
 def file_fingerprint(path: str) -> str:
+    if Path(path).is_dir():
+        raise ValueError(f"file source {path} is a folder; give the JSON or JSONL file in it")
     if not Path(path).is_file():
         raise FileNotFoundError(f"file source {path} does not exist")
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -85,3 +85,9 @@ def test_report_on_a_folder_that_is_not_a_trained_run(tmp_path):
 def test_show_on_an_evaluation_only_task():
     import data
     assert "--task csqa has no training split" in error_of(data.main, ["show", "--task", "csqa"])
+
+
+def test_a_file_in_the_way_of_the_model_cache(a_file, monkeypatch):
+    import pretrained
+    monkeypatch.setenv("ILB_CACHE", str(a_file))
+    assert "a file is in the way" in error_of(pretrained.main, ["smollm2-135m-instruct"])

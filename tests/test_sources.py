@@ -99,6 +99,14 @@ def test_malformed_file_source_is_one_clear_line(tmp_path, content, needle):
     assert "\n" not in str(e.value)
 
 
+def test_file_source_that_is_binary_or_a_folder(tmp_path):
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe[1]")
+    with pytest.raises(ValueError, match="bin.json: not UTF-8 text"):
+        sources.build(f"file:{tmp_path / 'bin.json'}", n_train=2, progress=False)
+    with pytest.raises(ValueError, match="is a folder; give the JSON or JSONL file in it"):
+        sources.build(f"file:{tmp_path}", n_train=2, progress=False)
+
+
 def test_unknown_source_and_cli_error(capsys):
     with pytest.raises(ValueError, match="unknown source 'gpt4'"):
         sources.build("gpt4", n_train=2)
