@@ -68,6 +68,8 @@ class LoRAConfig:
             raise ValueError(f"LoRA rank r must be positive, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if not math.isfinite(self.alpha):  # nan or inf would make every update nan
+            raise ValueError(f"LoRA alpha must be a finite number, got {self.alpha}")
 
     @property
     def scale(self) -> float:

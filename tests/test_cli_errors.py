@@ -91,3 +91,12 @@ def test_a_file_in_the_way_of_the_model_cache(a_file, monkeypatch):
     import pretrained
     monkeypatch.setenv("ILB_CACHE", str(a_file))
     assert "a file is in the way" in error_of(pretrained.main, ["smollm2-135m-instruct"])
+
+
+@pytest.mark.parametrize("field,value,needle", [("r", 0, "rank r must be positive"),
+                                                ("dropout", 1.0, "dropout must be in"),
+                                                ("alpha", float("nan"), "alpha must be a finite number")])
+def test_lora_settings_that_cannot_work(field, value, needle):
+    from lora import LoRAConfig
+    with pytest.raises(ValueError, match=needle):
+        LoRAConfig(**{field: value})
