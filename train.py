@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -413,10 +414,10 @@ def plan_run_folder(run_dir: Path, source: str, args) -> bool:
                     if k in saved and saved[k] != getattr(args, k)]  # (a key an older version did not save: skipped)
         if "eval_tasks" in saved and set(saved["eval_tasks"]) != set(args.eval_tasks):
             changed.append(f"--eval-tasks {' '.join(saved['eval_tasks'])} -> {' '.join(args.eval_tasks)}")
-        if not changed and saved_set != training_set_hash(source, args):
-            changed.append(f"the training set (cache {source.split(':')[0]}-{saved_set} -> "
-                           f"{training_set_hash(source, args)}: other generation settings, or built by a version "
-                           f"with another answer rule)")
+        wanted_set = training_set_hash(source, args) if not changed else saved_set
+        if wanted_set != saved_set:
+            changed.append(f"the training set (cache {source.split(':')[0]}-{saved_set} -> {wanted_set}: other "
+                           f"generation settings, or built by a version with another answer rule)")
         if changed:
             raise ValueError(f"--resume continues {run_dir} with its own settings, but these differ: "
                              f"{'; '.join(changed)}. Use the run's settings, or --overwrite / --run-name for a new run")
@@ -456,7 +457,6 @@ def evaluate_base(args, ctx: Context) -> dict:
     from model import Transformer
     from sources import write_json_atomic
 
-    import hashlib
     # the folder's name and a hash of its full path: two models in folders of the same name
     # (a/model, b/model) must not share one baseline
     where = str(Path(ctx.model_folder).resolve())
