@@ -752,6 +752,14 @@ def draw_index(probs, generator: torch.Generator | None):
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
 
 
+def check_sampling(temperature: float, top_p: float) -> None:
+    """ValueError, naming the flag, for sampling settings sample_next cannot use."""
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy); got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1]; got {top_p}")
+
+
 def sample_next(logits, temperature: float, top_p: float, generator: torch.Generator | None):
     """Next token ids (B,) from last-position logits (B, vocab): greedy if temperature == 0."""
     if temperature == 0:
@@ -921,9 +929,10 @@ def main(argv=None):
         sys.exit("error: --prompt is empty; give the text to continue")
     if args.max_new_tokens < 1:
         sys.exit(f"error: --max-new-tokens must be at least 1; got {args.max_new_tokens}")
-    if not (0 <= args.temperature < math.inf and 0 < args.top_p <= 1):
-        sys.exit(f"error: --temperature must be a finite number >= 0 and --top-p in (0, 1]; "
-                 f"got {args.temperature} and {args.top_p}")
+    try:
+        check_sampling(args.temperature, args.top_p)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
 
     from pretrained import resolve_model
     from tokenizer import Tokenizer

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import re
 import sys
@@ -169,7 +168,7 @@ def normalize_question(text: str) -> str:
 def read_file_source(path: str) -> list[dict]:
     """A JSON list, or JSONL, of objects with a question and an answer; errors name the line."""
     p = Path(path)
-    file_fingerprint(path)  # it exists and is a file
+    check_file_source(path)
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -221,11 +220,15 @@ def source_kind(source: str) -> tuple[str, str | None]:
     return kind, arg or None
 
 
-def file_fingerprint(path: str) -> str:
+def check_file_source(path: str) -> None:
     if Path(path).is_dir():
         raise ValueError(f"file source {path} is a folder; give the JSON or JSONL file in it")
     if not Path(path).is_file():
         raise FileNotFoundError(f"file source {path} does not exist")
+
+
+def file_fingerprint(path: str) -> str:
+    check_file_source(path)
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
@@ -245,6 +248,13 @@ def build_inputs(source, model, task, n_train, seed, gen) -> dict:
     return inputs
 
 
+def set_inputs(source, model, task, n_train, seed, dtype, **gen_overrides) -> dict:
+    """build_inputs for a command line's settings: n_train None = DEFAULT_N_TRAIN, generation
+    settings = default_gen's with the overrides (the dtype changes what is generated)."""
+    n_train = DEFAULT_N_TRAIN if n_train is None else n_train
+    return build_inputs(source, model, task, n_train, seed, default_gen(**gen_overrides, dtype=dtype))
+
+
 def cache_folder(inputs: dict) -> Path:
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", inputs["source"])[:60]
@@ -261,13 +271,9 @@ def default_gen(**overrides) -> dict:
     if unknown:
         raise TypeError(f"unknown generation settings: {sorted(unknown)}")
     gen.update({k: v for k, v in overrides.items() if v is not None})
-    for key in ("k", "max_new_tokens", "batch_size"):
-        if not gen[key] >= 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be at least 1; got {gen[key]}")
-    if not 0 <= gen["temperature"] < math.inf:
-        raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy); got {gen['temperature']}")
-    if not 0 < gen["top_p"] <= 1:
-        raise ValueError(f"--top-p must be in (0, 1]; got {gen['top_p']}")
+    check_at_least_one(k=gen["k"], max_new_tokens=gen["max_new_tokens"], batch_size=gen["batch_size"])
+    from model import check_sampling
+    check_sampling(gen["temperature"], gen["top_p"])
     return gen
 
 
@@ -333,9 +339,8 @@ def build_chunk(kind, arg, examples, model_name, gen, seed, chunk_no, models: Mo
             batch_size=gen["batch_size"], return_finished=True)
         return list(zip(texts, finished))
 
-    def correct(reply: tuple[str, bool], e) -> bool:  # ANSWER_RULE
-        text, finished = reply
-        return finished and answers_match(extract_answer(text, task, last_number=False), e.gold, task)
+    def correct(text: str, ended: bool, e) -> bool:  # ANSWER_RULE
+        return ended and answers_match(extract_answer(text, task, last_number=False), e.gold, task)
 
     if kind == "self":
         k = gen["k"]
@@ -343,14 +348,14 @@ def build_chunk(kind, arg, examples, model_name, gen, seed, chunk_no, models: Mo
         out, need = [], []
         for j, (b, e) in enumerate(zip(base, examples)):
             mine = samples[j * k:(j + 1) * k]
-            hit = next((text for text, ended in mine if correct((text, ended), e)), None)
+            hit = next((text for text, ended in mine if correct(text, ended, e)), None)
             out.append({**b, "response": hit, "path": "sampled" if hit else None, "samples_tried": k})
             if hit is None:
                 need.append(j)
         if need:  # STaR rationalisation: answer again, knowing the answer
             hints = [RATIONALIZE_TEMPLATE.format(prompt=examples[j].prompt, gold=examples[j].gold) for j in need]
             for j, (text, ended) in zip(need, ask(model_name, hints, False, 1)):
-                if correct((text, ended), examples[j]):
+                if correct(text, ended, examples[j]):
                     out[j].update(response=text, path="rationalized")
                 elif gen["self_fallback"] == "ground_truth":
                     out[j].update(response=examples[j].answer, path="ground_truth")
@@ -361,14 +366,14 @@ def build_chunk(kind, arg, examples, model_name, gen, seed, chunk_no, models: Mo
         prompts = [REWRITE_TEMPLATE.format(question=e.question, answer=e.answer, gold=e.gold) for e in examples]
         out = []
         for b, e, (text, ended) in zip(base, examples, ask(model_name, prompts, False, 2)):
-            ok = correct((text, ended), e)
+            ok = correct(text, ended, e)
             out.append({**b, "response": text if ok else e.answer, "path": "rewritten" if ok else "ground_truth",
                         "rewrite_attempt": None if ok else text})
         return out
     if kind == "teacher":
         out = []
         for b, e, (text, ended) in zip(base, examples, ask(arg, [e.prompt for e in examples], False, 3)):
-            ok = correct((text, ended), e)
+            ok = correct(text, ended, e)
             if gen["filter_correct"] and not ok:  # dropped: not trained on, kept here for the record
                 out.append({**b, "response": None, "path": "dropped", "teacher_answer": text})
             else:
@@ -380,7 +385,7 @@ def build_chunk(kind, arg, examples, model_name, gen, seed, chunk_no, models: Mo
                    for e, p in zip(examples, preds)]
         fixed = ask(arg, prompts, False, 5)
         return [{**b, "response": f[0], "original_prediction": p,
-                 "path": "corrected_correct" if correct(f, e) else "corrected_wrong"}
+                 "path": "corrected_correct" if correct(*f, e) else "corrected_wrong"}
                 for b, e, p, f in zip(base, examples, preds, fixed)]
     raise AssertionError(kind)
 
@@ -415,10 +420,9 @@ def get_training_set(source: str, model: str = "smollm2-135m-instruct", task: st
 
 def build(source, model="smollm2-135m-instruct", task="gsm8k", n_train=None, seed=0, dtype="bf16",
           device=None, progress=True, **gen_overrides) -> tuple[list[dict], dict]:
-    n_train = DEFAULT_N_TRAIN if n_train is None else n_train
+    inputs = set_inputs(source, model, task, n_train, seed, dtype, **gen_overrides)
     kind, arg = source_kind(source)
-    gen = default_gen(**gen_overrides, dtype=dtype)  # the dtype changes what is generated
-    inputs = build_inputs(source, model, task, n_train, seed, gen)
+    n_train, gen = inputs["n_train"], inputs["generation"]  # (generation None: human, file)
     folder = cache_folder(inputs)
     final, manifest_path = folder / "data.jsonl", folder / "manifest.json"
     if final.exists() and manifest_path.exists():
@@ -491,9 +495,7 @@ def read_built(folder: Path) -> tuple[list[dict], dict]:
 def load_cached(source: str, model: str, task: str, n_train: int | None = None, seed: int = 0,
                 dtype: str = "bf16") -> list[dict]:
     """A built set's kept records (default generation settings); fails if it was never built."""
-    inputs = build_inputs(source, model, task, DEFAULT_N_TRAIN if n_train is None else n_train, seed,
-                          default_gen(dtype=dtype))
-    folder = cache_folder(inputs)
+    folder = cache_folder(set_inputs(source, model, task, n_train, seed, dtype))
     if not (folder / "data.jsonl").exists() or not (folder / "manifest.json").exists():
         raise FileNotFoundError(f"source '{source}' is not built for {model}/{task}; run "
                                 f"python sources.py --source {source} --task {task}")

@@ -222,10 +222,9 @@ def run_source(source: str, args, ctx: Context) -> dict:
     model = Transformer.from_pretrained(ctx.model_folder, args.dtype, ctx.device)
     pairs = [(r["prompt"], r["response"]) for r in records]
     rendered = [render(tok, p, r) for p, r in pairs]
-    too_long = [i for i, r in enumerate(rendered) if len(r.ids) > args.max_seq_len]
-    if too_long:
-        log(f"[{source}] dropping {len(too_long)} examples longer than --max-seq-len {args.max_seq_len}")
-        keep = [i for i in range(len(pairs)) if i not in set(too_long)]
+    keep = [i for i, r in enumerate(rendered) if len(r.ids) <= args.max_seq_len]
+    if len(keep) < len(rendered):
+        log(f"[{source}] dropping {len(rendered) - len(keep)} examples longer than --max-seq-len {args.max_seq_len}")
         records, pairs, rendered = [records[i] for i in keep], [pairs[i] for i in keep], [rendered[i] for i in keep]
     if not rendered:
         raise ValueError(f"source {source} produced no training examples")
@@ -275,7 +274,7 @@ def run_source(source: str, args, ctx: Context) -> dict:
         state = {k: saved[k] for k in state}
         log(f"[{source}] resuming after epoch {state['epoch']} (step {state['step']})")
     elif rank == 0:
-        replaced = run_dir.with_name(run_dir.name + ".replaced")
+        replaced = replaced_folder(run_dir)
         if (run_dir / "results.json").exists():  # --overwrite of a finished run: kept until this one ends
             shutil.rmtree(replaced, ignore_errors=True)
             os.replace(run_dir, replaced)
@@ -352,7 +351,7 @@ def run_source(source: str, args, ctx: Context) -> dict:
     results["change_from_base"] = {t: results["test"][t]["accuracy"] - ctx.base[t]["accuracy"]
                                    for t in results["test"] if t in ctx.base}
     write_json_atomic(run_dir / "results.json", results)
-    shutil.rmtree(run_dir.with_name(run_dir.name + ".replaced"), ignore_errors=True)
+    shutil.rmtree(replaced_folder(run_dir), ignore_errors=True)
     return results
 
 
@@ -385,11 +384,16 @@ def run_folder(source: str, args) -> Path:
     return Path(args.runs_dir) / name
 
 
+def replaced_folder(run_dir: Path) -> Path:
+    """Where --overwrite keeps a finished run until the run replacing it finishes."""
+    return run_dir.with_name(run_dir.name + ".replaced")
+
+
 def training_set_hash(source: str, args) -> str:
     """The hash that names `source`'s cached training set for these settings (sources.cache_folder),
     computed without building it."""
-    gen = sources.default_gen(**sources.generation_overrides(args), dtype=args.gen_dtype)
-    inputs = sources.build_inputs(source, args.model, args.task, args.n_train, args.seed, gen)
+    inputs = sources.set_inputs(source, args.model, args.task, args.n_train, args.seed, args.gen_dtype,
+                                **sources.generation_overrides(args))
     return sources.cache_folder(inputs).name.rsplit("-", 1)[-1]
 
 

@@ -38,7 +38,7 @@ def error_of(main, argv) -> str:
     (model.main, ["--prompt", ""], "--prompt is empty"),
     (model.main, ["--prompt", "hi", "--max-new-tokens", "-1"], "--max-new-tokens must be at least 1"),
     (model.main, ["--prompt", "hi", "--temperature", "nan"], "--temperature must be a finite number >= 0"),
-    (model.main, ["--prompt", "hi", "--temperature", "0.7", "--top-p", "0"], "--top-p in (0, 1]"),
+    (model.main, ["--prompt", "hi", "--temperature", "0.7", "--top-p", "0"], "--top-p must be in (0, 1]; got 0.0"),
 ])
 def test_bad_numbers_are_one_line_errors(main, argv, needle):
     assert needle in error_of(main, argv)
