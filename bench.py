@@ -20,7 +20,10 @@ command. Rows:
             prefill is why N matters for the batch-16 / batch-1 ratio: it costs the same per prompt
             token at any batch size (compute-bound), while a decode step at batch 16 costs little
             more than at batch 1 (it reads the same weights); at N = 32 the prefill of 16 GSM8K
-            prompts (~2,200 tokens) outweighs the 512 generated tokens.
+            prompts (~2,200 tokens) outweighs the 512 generated tokens. After the table, our rows
+            are taken apart: the prefill timed alone, the average decoding step that leaves, and
+            a step's matrix products timed alone (every Linear on a (B, 1, in) input); and what
+            8x batch 1's tokens/s (the performance issue's target) would leave each step.
 
 Timing: `--warmup` untimed iterations, then the median of `--repeats` timed ones, with a device
 synchronisation (CUDA) before the clock starts and stops. Each (implementation, dtype, row) runs in
@@ -439,11 +442,49 @@ def run_job(spec: dict) -> dict:
         if any(len(o) != spec["new_tokens"] for o in output):
             raise RuntimeError(f"{spec['impl']} generated {[len(o) for o in output]} tokens, "
                                f"not {spec['new_tokens']} per row: the work would differ")
+    if spec["impl"] == "ours" and row.startswith("gen@"):
+        B = int(row.split("@")[1])
+        extra = {**extra, **decode_breakdown(model, prompts[:B], spec["new_tokens"], tok.pad_id,
+                                             spec["repeats"], device)}
     med = statistics.median(times)
     return {**{k: spec[k] for k in ("impl", "dtype", "row")}, "times_s": times, "median_s": med,
             "tokens": tokens, "tokens_per_s": tokens / med, "flops": flops, "flops_per_s": flops / med,
             "peak_mem_bytes": mem.peak, "mem_method": mem.method, "model_bytes": model_bytes,
             "threads": torch.get_num_threads(), "output": output, **extra}
+
+
+@torch.no_grad()
+def decode_breakdown(model, prompts: list[list[int]], new_tokens: int, pad_id: int, repeats: int,
+                     device: str) -> dict:
+    """Where our generation row's time goes, measured apart from the row: the prompts' prefill
+    alone (as `model.generate` runs it), and one decoding step's matrix products alone (every
+    Linear of the model, head included, on a (B, 1, in) input: the kernels a step of B rows
+    takes). The rest of a step is attention over the cache and the small ops between products."""
+    from model import KVCache, prefill
+
+    B, P = len(prompts), max(len(p) for p in prompts)
+
+    def run_prefill():
+        prefill(model, prompts, KVCache(model.cfg, B, P + new_tokens, model.device, model.dtype), pad_id)
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(B, 1, m.in_features, generator=g).to(model.device, model.dtype) for m in linears]
+
+    def run_products():
+        for m, x in zip(linears, inputs):
+            m(x)
+    return {"prefill_s": statistics.median(time_it(run_prefill, 1, repeats, device)),
+            "products_per_step_s": statistics.median(time_it(run_products, 2, max(repeats, 5), device))}
+
+
+def step_budget(batch1_tokens_per_s: float, B: int, new_tokens: int, prefill_s: float,
+                target: float) -> tuple[float, float]:
+    """For batch-B generation at `target` times batch 1's tokens/s: the longest the whole row may
+    take (B * new_tokens tokens), and what that leaves each of its new_tokens - 1 decoding steps
+    after the prefill (the first new token comes from the prefill's last position)."""
+    row_s = B * new_tokens / (target * batch1_tokens_per_s)
+    return row_s, (row_s - prefill_s) / max(new_tokens - 1, 1)
 
 
 def run_job_subprocess(spec: dict) -> dict:
@@ -520,6 +561,33 @@ def cross_ratios(results: list[dict]) -> dict:
                 if (impl, dt, f"gen@{hi}") in by and (impl, dt, f"gen@{lo}") in by:
                     out[f"gen batch{hi}/batch{lo}: {impl} {dt}"] = by[impl, dt, f"gen@{hi}"] / by[impl, dt, f"gen@{lo}"]
     return out
+
+
+GEN_BATCH_TARGET = 8  # the performance issue's target: batch 16 at least 8x batch 1's tokens/s
+
+
+def decode_lines(results: list[dict], new_tokens: int) -> list[str]:
+    """Our generation rows taken apart (see decode_breakdown), and for the largest batch what
+    GEN_BATCH_TARGET times the smallest batch's tokens/s would leave each decoding step."""
+    by = {(r["dtype"], int(r["row"].split("@")[1])): r for r in results
+          if r["impl"] == "ours" and r["row"].startswith("gen@") and "prefill_s" in r}
+    lines = []
+    for (dt, B), r in by.items():
+        step_s = (r["median_s"] - r["prefill_s"]) / max(new_tokens - 1, 1)
+        lines.append(f"ours {dt} gen@{B}: prefill {r['prefill_s']:.2f} s, then {new_tokens - 1} decoding steps of "
+                     f"{1e3 * step_s:.1f} ms on average, of which matrix products alone {1e3 * r['products_per_step_s']:.1f} ms")
+    for dt in dict.fromkeys(d for d, _ in by):
+        batches = sorted(B for d, B in by if d == dt)
+        if len(batches) < 2:
+            continue
+        lo, hi = by[dt, batches[0]], by[dt, batches[-1]]
+        row_s, step_s = step_budget(lo["tokens_per_s"], batches[-1], new_tokens, hi["prefill_s"], GEN_BATCH_TARGET)
+        left = (f"{1e3 * step_s:.1f} ms per decoding step after its prefill" if step_s > 0
+                else "less than its prefill alone takes")
+        lines.append(f"ours {dt}: gen@{batches[-1]} at {GEN_BATCH_TARGET}x gen@{batches[0]}'s tokens/s would take "
+                     f"{row_s:.2f} s in all (measured {hi['median_s']:.2f} s): {left}, against "
+                     f"{1e3 * hi['products_per_step_s']:.1f} ms for a step's products alone")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------
@@ -644,6 +712,8 @@ def main(argv=None):
     ratios = cross_ratios(results)
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
+    for line in decode_lines(results, args.new_tokens):
+        print(line)
     for k, v in checks.items():
         print(f"agreement {k}: " + ", ".join(f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}"
                                              for a, b in v.items()))

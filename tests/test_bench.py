@@ -68,3 +68,44 @@ def test_work_batches_cover_the_first_n_pairs_once_grouped_by_length():
     padded = sum(b.input_ids.numel() for b in batches)
     in_order = sum(8 * max(lengths[i:i + 8]) for i in range(0, 32, 8))
     assert padded <= in_order  # grouping by length never pads more than taking them in order
+
+
+def test_step_budget_and_decode_lines_follow_the_timings():
+    """What 8x batch 1 leaves each decoding step: batch 1 at 40 tok/s, 16 rows of 200 tokens
+    -> 3,200 tokens in 3200 / (8 * 40) = 10 s; minus a 3 s prefill, over 199 steps."""
+    row_s, step_s = bench.step_budget(40.0, 16, 200, 3.0, 8)
+    assert abs(row_s - 10.0) < 1e-12 and abs(step_s - 7.0 / 199) < 1e-12
+    assert bench.step_budget(40.0, 16, 200, 12.0, 8)[1] < 0  # a prefill longer than the whole budget
+    results = [
+        {"impl": "ours", "dtype": "fp32", "row": "gen@1", "tokens_per_s": 40.0, "median_s": 5.0,
+         "prefill_s": 0.2, "products_per_step_s": 0.02},
+        {"impl": "ours", "dtype": "fp32", "row": "gen@16", "tokens_per_s": 160.0, "median_s": 20.0,
+         "prefill_s": 3.0, "products_per_step_s": 0.041},
+        {"impl": "hf", "dtype": "fp32", "row": "gen@16", "tokens_per_s": 100.0, "median_s": 32.0},
+    ]
+    lines = bench.decode_lines(results, 200)
+    assert len(lines) == 3  # two rows taken apart (ours only), one budget line
+    assert "decoding steps of 85.4 ms" in lines[1]  # (20 - 3) / 199 s
+    assert "10.00 s in all (measured 20.00 s): 35.2 ms per decoding step" in lines[2]
+    assert "41.0 ms for a step's products alone" in lines[2]
+    results[1]["prefill_s"] = 12.0
+    assert "less than its prefill alone takes" in bench.decode_lines(results, 200)[2]
+
+
+def test_decode_breakdown_times_the_prefill_and_every_linear(tmp_path, monkeypatch):
+    """decode_breakdown runs model.prefill on the prompts and calls every Linear (head included)
+    once per timed pass on a (B, 1, in) input."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_json(tiny_folder(tmp_path) / "config.json")
+    model = Transformer(cfg).eval()
+    seen = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    out = bench.decode_breakdown(model, prompts, new_tokens=4, pad_id=0, repeats=1, device="cpu")
+    assert out["prefill_s"] > 0 and out["products_per_step_s"] > 0
+    n_linears = 7 * cfg.num_hidden_layers + 1
+    one_token = [s for s in seen if s[:2] == (2, 1)]
+    assert len(one_token) == n_linears * 7  # (2 warm-up + 5 timed passes) of every Linear
+    assert {s[2] for s in one_token} == {cfg.hidden_size, cfg.intermediate_size}
