@@ -38,12 +38,80 @@ def test_greedy_accuracy_is_deterministic_and_auditable(smol, tmp_path):
         assert r["correct"] == ev.answers_match(ev.extract_answer(r["output"], "gsm8k"), r["gold"], "gsm8k")
 
 
+def test_gsm8k_verdicts_of_scripted_replies(monkeypatch, tmp_path):
+    """The scoring behind a generated-answer accuracy: replies are scripted (no model), so the
+    expected verdicts are known; the stored record says what was extracted from what."""
+    import data
+    import tasks
+    test = tasks.splits("gsm8k")["test"][:4]
+    replies = [f"So she has {test[0].gold} left.\nFinal Answer: {test[0].gold}",
+               "The total is 12.\n#### 12345",  # a stated answer, not the gold one
+               "",  # nothing generated
+               f"Adding up gives \\boxed{{{test[3].gold}}}."]
+    assert test[1].gold != "12345"
+    prompts_seen = []
+
+    def scripted(model, tok, prompts, max_new_tokens, batch_size, progress):
+        prompts_seen.extend(prompts)
+        return replies
+    monkeypatch.setattr(data, "generate_responses", scripted)
+    r = ev.evaluate_task(None, None, "gsm8k", n=4, records_path=tmp_path / "r.jsonl")
+    assert prompts_seen == [e.prompt for e in test]
+    assert [x["correct"] for x in r["records"]] == [True, False, False, True]
+    assert [x["extracted"] for x in r["records"]] == [test[0].gold, "12345", None, test[3].gold]
+    assert [x["gold"] for x in r["records"]] == [e.gold for e in test]
+    assert [x["id"] for x in r["records"]] == [e.id for e in test]
+    assert r["accuracy"] == 0.5 and (r["ci_low"], r["ci_high"]) == ev.accuracy_ci([1, 0, 0, 1])[1:]
+    assert [json.loads(l) for l in (tmp_path / "r.jsonl").read_text().splitlines()] == r["records"]
+
+
 def test_csqa_scores_both_ways(smol):
+    """Each option's log-likelihood is its whole chat's, scored on its own; the picks are the
+    first argmax of the sums (raw) and of the per-token means (norm); the accuracy follows."""
+    from data import render
+    from perplexity import example_nlls
     model, tok = smol
     r = ev.evaluate_task(model, tok, "csqa", n=3)
-    assert r["n"] == 3 and "accuracy_norm" in r
-    rec = r["records"][0]
-    assert len(rec["logprobs"]) == len(rec["options"]) == 5 and rec["gold"] in "ABCDE"
+    assert r["n"] == 3 and len(r["records"]) == 3
+    first_max = lambda v: max(range(len(v)), key=lambda i: (v[i], -i))  # noqa: E731
+    for rec, e in zip(r["records"], tasks_test("csqa")[:3]):
+        assert len(rec["logprobs"]) == len(rec["options"]) == len(rec["tokens"]) == 5 and rec["gold"] == e.gold
+        alone = example_nlls(model, [render(tok, e.question_with_options, o) for o in e.choices], tok.pad_id)
+        assert rec["tokens"] == [x.tokens for x in alone]
+        for lp, x in zip(rec["logprobs"], alone):
+            assert lp == pytest.approx(-x.nll, abs=1e-3)
+        assert rec["extracted"] == "ABCDE"[first_max(rec["logprobs"])]
+        assert rec["extracted_norm"] == "ABCDE"[first_max([a / t for a, t in zip(rec["logprobs"], rec["tokens"])])]
+        assert rec["correct"] == (rec["extracted"] == e.gold) and rec["correct_norm"] == (rec["extracted_norm"] == e.gold)
+    assert r["accuracy"] == sum(x["correct"] for x in r["records"]) / 3
+    assert r["accuracy_norm"] == sum(x["correct_norm"] for x in r["records"]) / 3
+
+
+def test_choice_verdicts_of_scripted_likelihoods(monkeypatch):
+    """Scripted option scores where the raw and the per-token picks differ: each verdict uses its
+    own pick, and ties go to the first option."""
+    test = tasks_test("csqa")[:2]
+    gold_index = ["ABCDE".index(e.gold) for e in test]
+    long_one = [(gold_index[0] + 1) % 5, (gold_index[1] + 1) % 5]
+
+    def scripted(model, tok, prompt, options):
+        i = next(i for i, e in enumerate(test) if e.question_with_options == prompt)
+        scores = [(-10.0, 2)] * 5  # mean -5 each
+        scores = [(-4.0, 1) if j == gold_index[i] else s for j, s in enumerate(scores)]  # best sum
+        scores = [(-6.0, 6) if j == long_one[i] else s for j, s in enumerate(scores)]  # best mean
+        return scores if i == 0 else [(-1.0, 1)] * 5  # question 2: a five-way tie
+    monkeypatch.setattr(ev, "option_nlls", scripted)
+    r = ev.evaluate_task(None, None, "csqa", n=2)
+    a, b = r["records"]
+    assert (a["extracted"], a["extracted_norm"]) == (test[0].gold, "ABCDE"[long_one[0]])
+    assert (a["correct"], a["correct_norm"]) == (True, False)
+    assert b["extracted"] == b["extracted_norm"] == "A" and b["correct"] == (test[1].gold == "A")
+    assert r["accuracy"] == (1 + (test[1].gold == "A")) / 2 and r["accuracy_norm"] == (test[1].gold == "A") / 2
+
+
+def tasks_test(task):
+    import tasks
+    return tasks.splits(task)["test"]
 
 
 @pytest.mark.parametrize("x,y,rho", [([1, 2, 3, 4], [10, 20, 30, 40], 1.0), ([1, 2, 3], [3, 2, 1], -1.0),

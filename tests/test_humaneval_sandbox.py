@@ -32,7 +32,6 @@ def sandbox_root(tmp_path):
     assert list(root.iterdir()) == []  # every temporary folder removed
     assert (resource.getrlimit(resource.RLIMIT_AS), resource.getrlimit(resource.RLIMIT_CPU)) \
         == limits_before  # the limits were applied to the child only
-    assert sum(i * i for i in range(1000)) == 332833500  # still here and computing
 
 
 def test_canonical_solution_passes(problem, sandbox_root):

@@ -168,6 +168,7 @@ def test_bf16_base_keeps_fp32_lora(base_folder):
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
     assert layer.base.weight.dtype == torch.bfloat16
+    before = layer.base.weight.clone()
     with torch.no_grad():
         out = model(ids())
         merge_lora(model)
@@ -175,6 +176,15 @@ def test_bf16_base_keeps_fp32_lora(base_folder):
     assert out.dtype == merged.dtype == torch.bfloat16
     assert layer.base.weight.dtype == torch.bfloat16
     assert (out.float() - merged.float()).abs().max().item() < 0.1  # same function, bf16 rounding
+    # the merge adds B A in fp32 and rounds once (rounding B A to bf16 first would differ)
+    once = (before.float() + layer.delta_weight()).bfloat16()
+    assert torch.equal(layer.base.weight, once)
+    assert not torch.equal(once, before + layer.delta_weight().bfloat16())  # the two roundings differ here
+    merged_weight = layer.base.weight.clone()
+    unmerge_lora(model)
+    assert torch.equal(layer.base.weight, (merged_weight.float() - layer.delta_weight()).bfloat16())
+    scale = max(before.float().abs().max(), merged_weight.float().abs().max())
+    assert (layer.base.weight.float() - before.float()).abs().max() <= scale * 2 ** -7  # two bf16 roundings
 
 
 def test_save_load_round_trip(base_folder, tmp_path):
@@ -198,8 +208,22 @@ def test_save_load_round_trip(base_folder, tmp_path):
     model.eval(), fresh.eval()
     with torch.no_grad():
         assert torch.equal(model(ids()), fresh(ids()))
-    # loading again into the model that already has these LoRA layers just replaces the weights
+    # loading again into the model that already has these LoRA layers replaces the weights
+    for layer in lora_layers(fresh).values():
+        layer.lora_B.data.zero_()
+    with torch.no_grad():
+        assert not torch.equal(model(ids()), fresh(ids()))
     assert load_adapter(fresh, out) == config
+    with torch.no_grad():
+        assert torch.equal(model(ids()), fresh(ids()))
+    # ... but not into LoRA layers of another rank, nor into a merged model
+    other = Transformer.from_pretrained(base_folder, "fp32")
+    inject_lora(other, config.targets, 8, 8, 0.0, seed=0)
+    with pytest.raises(AdapterError, match="already has LoRA layers that differ"):
+        load_adapter(other, out)
+    merge_lora(fresh)
+    with pytest.raises(AdapterError, match="merged model"):
+        load_adapter(fresh, out)
 
 
 def test_strict_loading_names_the_tensor(base_folder, tmp_path):

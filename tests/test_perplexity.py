@@ -44,6 +44,11 @@ def test_definition_mean_pooled_median(tiny):
     assert r["median_ppl"] == pytest.approx(sorted(ppls)[len(ppls) // 2], rel=1e-12)
     # the paper's mean of per-example perplexities is not the token-weighted pooled value
     assert abs(r["mean_ppl"] - r["pooled_ppl"]) > 1e-6 * r["pooled_ppl"]
+    # an even count: the median is the mean of the two middle values
+    even = dataset_perplexity(model, tok, PAIRS[:22], batch_size=4)
+    s = sorted(math.exp(e["nll"] / e["tokens"]) for e in even["per_example"])
+    assert even["median_ppl"] == pytest.approx((s[10] + s[11]) / 2, rel=1e-12)
+    assert s[10] != pytest.approx(s[11], rel=1e-6)  # so either middle value alone would fail
 
 
 def test_batch_size_and_order_do_not_matter(tiny):
@@ -157,7 +162,7 @@ def test_shared_prefix_equals_whole_chats(sharp, replies, monkeypatch):
     assert calls[0] == (1, first_target)  # the prompt, once, up to the first scored token
     assert calls[1] == (len(replies), max(len(r.ids) for r in rendered) - first_target)
     assert len(calls) == 2
-    for a, b in zip(plain, shared):
+    for a, b in zip(plain, shared, strict=True):
         assert (a.index, a.tokens) == (b.index, b.tokens)
         assert rel(b.nll, a.nll) <= 1e-5
 

@@ -166,6 +166,60 @@ def test_filter_correct_drops_wrong_teacher_answers(monkeypatch):
     assert len(every) == 2 and manifest["counts_by_path"] == {"teacher_correct": 1, "teacher_wrong": 1}
 
 
+def test_rewrite_keeps_only_finished_restatements_of_the_gold_answer(monkeypatch):
+    questions = sources.build("human", n_train=3, progress=False)[0]
+    scripts = [("Restated: it is {g}.\nFinal Answer: {g}", True),  # kept
+               ("Restated: Final Answer: {g}", False),  # cut off
+               ("Restated: Final Answer: 99999", True)]  # a wrong statement
+    assert all(q["gold"] != "99999" for q in questions)
+
+    def reply(prompt, sampling):
+        i = next(i for i, q in enumerate(questions) if q["question"] in prompt)
+        assert not sampling and questions[i]["response"] in prompt  # the rewriter sees the human answer
+        return scripts[i][0].format(g=questions[i]["gold"]), scripts[i][1]
+
+    scripted_generation(monkeypatch, reply)
+    records, manifest = sources.build("rewrite", n_train=3, progress=False)
+    assert [r["path"] for r in records] == ["rewritten", "ground_truth", "ground_truth"]
+    assert records[0]["response"] == scripts[0][0].format(g=questions[0]["gold"])
+    assert records[0]["rewrite_attempt"] is None
+    for i in (1, 2):  # the human answer is trained on; the rejected attempt stays on record
+        assert records[i]["response"] == questions[i]["response"]
+        assert records[i]["rewrite_attempt"] == scripts[i][0].format(g=questions[i]["gold"])
+    assert manifest["counts_by_path"] == {"rewritten": 1, "ground_truth": 2}
+
+
+def test_self_fallback_drop_trains_on_no_ground_truth(monkeypatch):
+    scripted_generation(monkeypatch, lambda p, s: ("Final Answer: 0.5", True))  # always wrong
+    kept, manifest = sources.build("self", n_train=2, progress=False, k=2, self_fallback="drop")
+    assert kept == [] and manifest["counts_by_path"] == {"dropped": 2}
+    assert manifest["kept"] == 0 and manifest["coverage"] == 0
+    kept, manifest = sources.build("self", n_train=2, progress=False, k=2)  # the default falls back
+    assert manifest["counts_by_path"] == {"ground_truth": 2}
+    assert [r["response"] for r in kept] == [r["response"] for r in sources.build("human", n_train=2, progress=False)[0]]
+
+
+def test_minimum_change_corrects_the_models_own_prediction(monkeypatch):
+    questions = sources.build("human", n_train=2, progress=False)[0]
+    plain = [q["prompt"] for q in questions]
+    corrector_prompts = {}
+
+    def reply(prompt, sampling):
+        if prompt in plain:  # the student's own first attempt
+            return f"My try for question {plain.index(prompt)}: Final Answer: 1", True
+        i = next(i for i in range(2) if f"My try for question {i}:" in prompt)
+        corrector_prompts[i] = prompt
+        return (f"Fixed. Final Answer: {questions[0]['gold']}", True) if i == 0 else ("Fixed. Final Answer: 0.5", True)
+
+    scripted_generation(monkeypatch, reply)
+    records, manifest = sources.build("minimum-change:smollm2-135m-instruct", n_train=2, progress=False)
+    assert [r["original_prediction"] for r in records] == [f"My try for question {i}: Final Answer: 1" for i in range(2)]
+    assert [r["response"] for r in records] == [f"Fixed. Final Answer: {questions[0]['gold']}", "Fixed. Final Answer: 0.5"]
+    assert [r["path"] for r in records] == ["corrected_correct", "corrected_wrong"]
+    for i, q in enumerate(questions):  # the corrector saw the question, the gold answer and the prediction
+        assert q["prompt"] in corrector_prompts[i] and q["response"] in corrector_prompts[i]
+
+
 def test_generate_responses_tells_which_replies_were_cut_off(monkeypatch, smollm2_dir):
     import data
     import model

@@ -73,20 +73,63 @@ def test_loss_is_weighted_by_tokens_across_micro_batches(tiny_dir):
         opt.step = lambda: captured.update({n: p.grad.clone() for n, p in model.named_parameters()
                                             if p.requires_grad}) or orig_step()
         loss, n_tok, _ = train.train_step(model, opt, rendered, list(range(5)), args, 0, 1, None, None, 0.0)
-        return loss, n_tok, captured
+        return loss, n_tok, captured, model
 
-    loss1, n1, g1 = grads(5)
-    loss2, n2, g2 = grads(1)
+    loss1, n1, g1, model = grads(5)
+    loss2, n2, g2, _ = grads(1)
     assert n1 == n2 == sum(r.n_targets for r in rendered)
     assert loss1 == pytest.approx(loss2, rel=1e-5)
     for k in g1:
         assert torch.allclose(g1[k], g2[k], atol=1e-6, rtol=1e-4), k
-    # and the reported loss is the token-weighted mean NLL of one big batch
-    model = Transformer.from_pretrained(tiny_dir, "fp32")
-    with torch.no_grad():
-        from perplexity import response_nll
-        nll, n = response_nll(model, collate(rendered, tok.pad_id))
+    # and both are those of sum(NLL) / sum(tokens) over one batch of all five (lr 0: same weights)
+    from perplexity import response_nll
+    nll, n = response_nll(model, collate(rendered, tok.pad_id))
     assert n.sum().item() == n1
+    reference = nll.sum() / n.sum()
+    assert loss1 == pytest.approx(reference.item(), rel=1e-5)
+    model.zero_grad()
+    reference.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p.grad, g1[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_lr_schedule_and_gradient_clipping(tiny_dir, tmp_path):
+    """Linear warmup then cosine decay, as written here; the update uses the clipped gradient
+    while the returned norm is the one before clipping."""
+    import math
+    peak, total, warmup = 1e-3, 10, 3
+    expected = [peak * (s + 1) / warmup if s < warmup
+                else 0.5 * peak * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))) for s in range(total)]
+    assert [train.lr_at(s, total, warmup, peak) for s in range(total)] == pytest.approx(expected)
+    assert train.lr_at(total, total, warmup, peak) == pytest.approx(0.0, abs=1e-15)
+    assert train.lr_at(5, 10, 3, peak, min_ratio=0.1) == pytest.approx(
+        peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 2 / 7))))
+    # the run's metrics log the schedule step by step: 12 examples / batch 4 x 2 epochs = 6 steps
+    train.main(base_args(tiny_dir, tmp_path, warmup_ratio=0.34))
+    rows = [json.loads(l) for l in (tmp_path / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert lrs == pytest.approx([train.lr_at(s, 6, 2, 1e-2) for s in range(6)])
+    assert lrs[1] == pytest.approx(1e-2) and lrs[0] == pytest.approx(5e-3) and lrs[-1] < lrs[2]
+
+    from lora import inject_lora
+    tok = Tokenizer.from_folder(tiny_dir)
+    rendered = [render(tok, f"q{i}", "word " * (2 + i) + "Final Answer: 1") for i in range(3)]
+    torch.manual_seed(0)
+    model = Transformer.from_pretrained(tiny_dir, "fp32")
+    inject_lora(model, ["q_proj", "v_proj"], 4, 8, 0.0, seed=0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data.normal_(0, 0.1)
+    opt = torch.optim.SGD(params, lr=0.0)
+    seen = {}
+    orig_step = opt.step
+    opt.step = lambda: seen.update(norm=torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(p.grad) for p in params]))) or orig_step()
+    args = type("A", (), {"micro_batch": 3, "pad_id": tok.pad_id, "grad_clip": 1e-3})()
+    _, _, gnorm = train.train_step(model, opt, rendered, [0, 1, 2], args, 0, 1, None, None, 0.0)
+    assert gnorm > 1e-2  # the unclipped norm is reported
+    assert seen["norm"].item() == pytest.approx(1e-3, rel=1e-3)  # the optimizer saw the clipped one
 
 
 def adapter(run_dir):
@@ -121,6 +164,45 @@ def test_perplexity_covers_exactly_the_trained_examples(tiny_dir, tmp_path):
     assert results["train_examples"] == results["perplexity"]["n"] == len(trained)
     ppl = json.loads((run / "perplexity.json").read_text())
     assert [e["id"] for e in ppl["per_example"]] == trained
+
+
+def test_the_best_epoch_adapter_is_kept_and_tested(tiny_dir, tmp_path, monkeypatch):
+    """adapter/ holds the epoch with the highest validation accuracy (the earlier one on a tie),
+    not the last epoch; the test scores and the change from the base model come from it."""
+    import eval as ev
+    real_evaluate = ev.evaluate_task
+    val_scores = iter([0.25, 0.75, 0.75])  # epochs 1, 2, 3: epoch 3 ties epoch 2
+
+    def scripted_validation(model, tok, task, n=None, examples=None, **kw):
+        if examples is None:  # test questions: scored for real
+            return real_evaluate(model, tok, task, n=n, **kw)
+        return {"task": task, "n": len(examples), "accuracy": next(val_scores), "ci_low": 0.0, "ci_high": 1.0,
+                "records": []}
+    monkeypatch.setattr(ev, "evaluate_task", scripted_validation)
+    real_save = train.save_checkpoint
+    per_epoch = []
+
+    def save_and_keep(folder, *a, **k):
+        real_save(folder, *a, **k)
+        per_epoch.append(load_file(Path(folder) / "adapter" / "adapter_model.safetensors"))
+    monkeypatch.setattr(train, "save_checkpoint", save_and_keep)
+    scored = []
+    monkeypatch.setattr(train, "score_tasks", lambda model, *a: scored.append(
+        {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k})
+        or {"gsm8k": {"accuracy": 0.5, "ci_low": 0.1, "ci_high": 0.9, "n": 2}})
+    train.main(base_args(tiny_dir, tmp_path, epochs=3))
+    run = tmp_path / "runs" / "r"
+    results = json.loads((run / "results.json").read_text())
+    assert results["best_epoch"] == 2 and results["val_accuracy"] == 0.75
+    kept = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert len(per_epoch) == 3 and kept.keys() == per_epoch[1].keys()
+    assert all(torch.equal(kept[k], per_epoch[1][k]) for k in kept)
+    assert any(not torch.equal(kept[k], per_epoch[2][k]) for k in kept)  # the last epoch differs
+    tested = scored[-1]  # the model the test scores come from carries epoch 2's weights
+    assert len(tested) == len(kept) and all(torch.equal(t, kept[k]) for t, k in
+                                            zip((tested[n] for n in sorted(tested)), sorted(kept)))
+    base = results["base"]["gsm8k"]["accuracy"]
+    assert results["change_from_base"] == {"gsm8k": pytest.approx(0.5 - base)}
 
 
 def test_resume_after_kill_gives_the_same_adapter(tiny_dir, tmp_path, monkeypatch):
