@@ -12,7 +12,8 @@ command. Rows:
             micro-batch, then AdamW step, zero_grad; tokens/s. Ours: `lora.inject_lora` +
             `train.masked_nll_sum`. HF: `peft.get_peft_model(LoraConfig(...))`, logits + masked
             cross entropy. Both keep the adapters in fp32 (ours always, PEFT by its default
-            `autocast_adapter_dtype`).
+            `autocast_adapter_dtype`). `--grad-checkpoint`: both recompute each layer in the
+            backward (ours: train.py's `--grad-checkpoint`; HF: `gradient_checkpointing_enable`).
   gen@B     greedy generation at batch B (default 1 and 16) of N = 200 new tokens (what sources.py
             generates), generated tokens/s. Ours: `model.generate` with no stop ids; HF:
             `generate(do_sample=False)` with left padding and min_new_tokens = max_new_tokens. Both
@@ -338,6 +339,7 @@ def job_ours(spec: dict, folder, tok, rendered, prompts) -> tuple:
         from lora import inject_lora
         from train import masked_nll_sum
         inject_lora(model, ["q_proj", "v_proj"], r=8, alpha=16, dropout=0.0, seed=0)
+        model.gradient_checkpointing = spec["grad_checkpoint"]
         model.train()
         step = optimiser_step(model, lambda b: masked_nll_sum(model, b, None), spec, rendered, tok.pad_id)
         return model, step, {}
@@ -377,6 +379,8 @@ def job_hf(spec: dict, folder, tok, rendered, prompts) -> tuple:
         except ImportError:
             raise SystemExit("error: the HF training row needs peft: pip install -r requirements-dev.txt")
         torch.manual_seed(0)
+        if spec["grad_checkpoint"]:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         pm = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                            target_modules=["q_proj", "v_proj"]))
         pm.train()
@@ -620,6 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=int, default=3, help="timed iterations; the median is reported")
     s.add_argument("--matmul-n", type=int, default=None,
                    help="side of the square matmul that measures the peak (default 2048 CPU, 8192 CUDA)")
+    ap.add_argument("--grad-checkpoint", action="store_true",
+                    help="train row: activation checkpointing on both sides (train.py --grad-checkpoint; "
+                         "HF's gradient_checkpointing_enable, non-reentrant)")
     ap.add_argument("--random-weights", action="store_true",
                     help="use seeded random weights of the model's shapes (the folder needs only config.json "
                          "and tokenizer files): same speed, for machines the real weights cannot reach")
@@ -682,7 +689,8 @@ def main(argv=None):
             "n_examples": max(args.ppl_examples, args.train_batch, max(args.gen_batch)),
             "ppl_examples": args.ppl_examples, "ppl_batch": args.ppl_batch,
             "train_batch": args.train_batch, "micro_batch": args.micro_batch,
-            "new_tokens": args.new_tokens, "warmup": args.warmup, "repeats": args.repeats}
+            "new_tokens": args.new_tokens, "warmup": args.warmup, "repeats": args.repeats,
+            "grad_checkpoint": args.grad_checkpoint}
     results, checks = [], {}
     for row in rows:
         for dt in args.dtype:

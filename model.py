@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -595,6 +596,11 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.attn_impl = "sdpa"  # or "math"
         self.whole_cache_reads_bf16 = True  # False: blocks of 64 in bf16 too (tests compare the two)
+        # Activation checkpointing (train.py --grad-checkpoint): when gradients are needed, keep
+        # only each layer's input for the backward and run the layer again during it, so that
+        # one layer's activations at a time are held instead of all of them (a 7B model's
+        # training on a GPU with less memory), for about one more forward pass of compute.
+        self.gradient_checkpointing = False
 
     def hidden_states(self, input_ids, positions=None, mask=None, cache: KVCache | None = None,
                       lengths=None):
@@ -647,8 +653,13 @@ class Transformer(nn.Module):
                 input_ids = input_ids[real]  # (N,)
         x = self.model.embed_tokens(input_ids)  # (B, T, hidden), or (N, hidden) packed
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # on the (B, T) grid
+        recompute = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache, self.attn_impl, packing)
+            if recompute:  # (the default keeps the RNG state, so dropout draws the same masks again)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, self.attn_impl, packing,
+                                                      use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, self.attn_impl, packing)
         if cache is not None:
             cache.length = S
         h = self.model.norm(x)

@@ -220,6 +220,7 @@ def run_source(source: str, args, ctx: Context) -> dict:
     log(f"[{source}] training set: {manifest['kept']} examples, by path {manifest['counts_by_path']}")
 
     model = Transformer.from_pretrained(ctx.model_folder, args.dtype, ctx.device)
+    model.gradient_checkpointing = args.grad_checkpoint
     pairs = [(r["prompt"], r["response"]) for r in records]
     rendered = [render(tok, p, r) for p, r in pairs]
     keep = [i for i, r in enumerate(rendered) if len(r.ids) <= args.max_seq_len]
@@ -521,6 +522,9 @@ def build_parser():
     o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     o.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
     o.add_argument("--max-seq-len", type=int, default=1024, help="drop longer training examples (counted)")
+    o.add_argument("--grad-checkpoint", action="store_true",
+                   help="activation checkpointing: recompute each layer in the backward instead of keeping its "
+                        "activations (far less memory, ~1.25x the step time; same gradients)")
     s = ap.add_argument_group("system")
     s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                    help="weights dtype (CUDA always autocasts to bf16/fp16); bf16 is ~2x faster on CPU")

@@ -94,6 +94,49 @@ def test_loss_is_weighted_by_tokens_across_micro_batches(tiny_dir):
             assert torch.allclose(p.grad, g1[name], atol=1e-6, rtol=1e-4), name
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_grad_checkpoint_gives_the_same_gradients(tiny_dir, dtype, monkeypatch):
+    """--grad-checkpoint recomputes each layer in the backward (counted here) and changes no
+    gradient: rows of different lengths (the packed path), LoRA dropout on (same masks again)."""
+    from lora import inject_lora
+    tok = Tokenizer.from_folder(tiny_dir)
+    rendered = [render(tok, f"q{i}", "word " * (1 + 5 * i) + "Final Answer: 1") for i in range(3)]
+    batch = collate(rendered, tok.pad_id)
+    calls = []
+    real_checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
+
+    def grads(recompute):
+        torch.manual_seed(0)
+        model = Transformer.from_pretrained(tiny_dir, dtype)
+        inject_lora(model, ["q_proj", "v_proj"], 4, 8, 0.3, seed=0)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data.normal_(0, 0.1)
+        model.train()
+        model.gradient_checkpointing = recompute
+        torch.manual_seed(1)  # the same dropout draws in both runs
+        train.masked_nll_sum(model, batch, None).backward()
+        with torch.no_grad():  # no gradient needed: nothing to recompute
+            model(batch.input_ids)
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain = grads(False)
+    assert calls == []
+    again = grads(True)
+    assert len(calls) == 2  # each of the tiny model's 2 layers once, in the forward with gradients
+    for name in plain:
+        assert torch.equal(plain[name], again[name]), name
+
+
+def test_a_run_with_grad_checkpoint_trains_the_same_adapter(tiny_dir, tmp_path):
+    train.main(base_args(tiny_dir, tmp_path / "a", epochs=1))
+    train.main(base_args(tiny_dir, tmp_path / "b", epochs=1) + ["--grad-checkpoint"])
+    a, b = adapter(tmp_path / "a" / "runs" / "r"), adapter(tmp_path / "b" / "runs" / "r")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "b" / "runs" / "r" / "config.json").read_text())["grad_checkpoint"] is True
+
+
 def test_lr_schedule_and_gradient_clipping(tiny_dir, tmp_path):
     """Linear warmup then cosine decay, as written here; the update uses the clipped gradient
     while the returned norm is the one before clipping."""
