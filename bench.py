@@ -717,6 +717,9 @@ def main(argv=None):
         if r["impl"] == "hf" and r.get("attn_implementation"):
             print(f"HF {r['dtype']} {r['row']}: attn_implementation={r['attn_implementation']}")
             break
+    if args.grad_checkpoint and "train" in args.rows:
+        print("train with --grad-checkpoint on both sides: %pk counts the step's model FLOPs, not the "
+              "recomputed forward passes")
     ratios = cross_ratios(results)
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")

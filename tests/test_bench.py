@@ -108,4 +108,6 @@ def test_decode_breakdown_times_the_prefill_and_every_linear(tmp_path, monkeypat
     n_linears = 7 * cfg.num_hidden_layers + 1
     one_token = [s for s in seen if s[:2] == (2, 1)]
     assert len(one_token) == n_linears * 7  # (2 warm-up + 5 timed passes) of every Linear
+    prompt_passes = [s for s in seen if s[:2] == (2, 5)]  # both prompts, left-padded to 5 tokens
+    assert len(prompt_passes) == 7 * cfg.num_hidden_layers * 2  # each layer's 7 Linears, warm-up + 1 timed
     assert {s[2] for s in one_token} == {cfg.hidden_size, cfg.intermediate_size}

@@ -129,9 +129,14 @@ def test_grad_checkpoint_gives_the_same_gradients(tiny_dir, dtype, monkeypatch):
         assert torch.equal(plain[name], again[name]), name
 
 
-def test_a_run_with_grad_checkpoint_trains_the_same_adapter(tiny_dir, tmp_path):
+def test_a_run_with_grad_checkpoint_trains_the_same_adapter(tiny_dir, tmp_path, monkeypatch):
+    calls = []
+    real_checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
     train.main(base_args(tiny_dir, tmp_path / "a", epochs=1))
+    assert calls == []
     train.main(base_args(tiny_dir, tmp_path / "b", epochs=1) + ["--grad-checkpoint"])
+    assert len(calls) == 2 * 6  # 2 layers x 6 micro-batches (12 examples, 2 per forward)
     a, b = adapter(tmp_path / "a" / "runs" / "r"), adapter(tmp_path / "b" / "runs" / "r")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "b" / "runs" / "r" / "config.json").read_text())["grad_checkpoint"] is True
@@ -167,10 +172,11 @@ def test_lr_schedule_and_gradient_clipping(tiny_dir, tmp_path):
     opt = torch.optim.SGD(params, lr=0.0)
     seen = {}
     orig_step = opt.step
-    opt.step = lambda: seen.update(norm=torch.linalg.vector_norm(torch.stack(
+    opt.step = lambda: seen.update(lr=opt.param_groups[0]["lr"], norm=torch.linalg.vector_norm(torch.stack(
         [torch.linalg.vector_norm(p.grad) for p in params]))) or orig_step()
     args = type("A", (), {"micro_batch": 3, "pad_id": tok.pad_id, "grad_clip": 1e-3})()
-    _, _, gnorm = train.train_step(model, opt, rendered, [0, 1, 2], args, 0, 1, None, None, 0.0)
+    _, _, gnorm = train.train_step(model, opt, rendered, [0, 1, 2], args, 0, 1, None, None, 3e-4)
+    assert seen["lr"] == 3e-4  # the schedule's value reaches the optimizer
     assert gnorm > 1e-2  # the unclipped norm is reported
     assert seen["norm"].item() == pytest.approx(1e-3, rel=1e-3)  # the optimizer saw the clipped one
 
