@@ -16,6 +16,8 @@ The training loop, in plain sight:
   long response thus weighs by its tokens, as in one big batch, whatever the micro-batching.
 - AdamW on the LoRA parameters only; linear warmup then cosine decay; gradient clipping.
 - bf16 autocast on CUDA (fp16 + a gradient scaler where bf16 is missing); `--dtype bf16` on CPU.
+- `--grad-checkpoint`: each layer is run again in the backward instead of keeping its
+  activations (model.Transformer.gradient_checkpointing): same gradients, far less memory.
 - Data parallel with `torchrun --nproc_per_node=N train.py ...`: every optimiser step's examples
   are dealt out across processes, each process sums its NLL / the global token count, and the
   LoRA gradients are summed with one all-reduce (no DistributedDataParallel wrapper: the few
