@@ -226,11 +226,12 @@ def format_table(results: list[dict]) -> str:
 
 
 def main(argv=None):
+    import sources
     ap = argparse.ArgumentParser(description="Perplexity of the untuned model on each source's responses.")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="short name or HF-format folder")
     ap.add_argument("--task", default="gsm8k", help="task whose training questions are measured")
     ap.add_argument("--source", nargs="+", default=["human"],
-                    help="response sources (human, self, rewrite, teacher:M, minimum-change:M, file:PATH)")
+                    help=f"response sources ({sources.SOURCES_HELP})")
     ap.add_argument("--n", type=int, default=None, help="first N training questions (default: sources.py's)")
     ap.add_argument("--seed", type=int, default=0, help="split seed (same questions for every source)")
     ap.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
@@ -238,7 +239,6 @@ def main(argv=None):
                     help="compute dtype; bf16 is faster, see the README for its distance from fp32")
     ap.add_argument("--device", default=None, help="cpu, cuda or mps (default: best available)")
     ap.add_argument("--out", default=None, help="write the JSON results here (atomically)")
-    import sources
     g = ap.add_argument_group("the sources' generation settings (as sources.py; they pick the built set)")
     sources.add_generation_args(g)
     g.add_argument("--gen-dtype", default="bf16", choices=["fp32", "bf16", "fp16"],

@@ -15,6 +15,10 @@ the responses differs (paper section 2; DESIGN.md section 1):
 |                         | not filtered unless --filter-correct                                 |
 | minimum-change:<model>  | the target model's greedy prediction, corrected by <model> with as   |
 |                         | few changes as possible; the original prediction is kept beside it   |
+| step-by-step:<model>    | <model> reformats the ground truth as numbered steps; kept if its    |
+|                         | final answer still matches, else the ground truth                   |
+| paraphrase:<model>      | <model> answers (as teacher:<model>), then paraphrases that answer;  |
+|                         | not filtered unless --filter-correct; the answer is kept beside it   |
 | file:<path>             | a JSON list or JSONL of {question, answer} (the paper's released     |
 |                         | files work as they are), matched to the task's questions by text     |
 
@@ -71,6 +75,15 @@ REWRITE_TEMPLATE = (
 RATIONALIZE_TEMPLATE = (
     "{prompt}\n\n(Hint: the correct final answer is {gold}. Explain step by step how to reach it, "
     "then end with 'Final Answer: {gold}'.)")
+STEP_BY_STEP_TEMPLATE = (
+    "Here is a question and a reference solution.\n\nQuestion: {question}\n\n"
+    "Reference solution:\n{answer}\n\n"
+    "Rewrite the reference solution step by step: numbered steps, one calculation or fact per step, "
+    "the same reasoning and the same final answer. End with 'Final Answer: {gold}'.")
+PARAPHRASE_TEMPLATE = (
+    "Here is a question and an answer to it.\n\nQuestion: {question}\n\nAnswer:\n{answer}\n\n"
+    "Paraphrase the answer: say the same reasoning in other words, keep every step and the same "
+    "final answer, and end with 'Final Answer: <answer>'.")
 MINIMUM_CHANGE_TEMPLATE = (
     "We have the question and the ground truth. Please minimally change the prediction to make it "
     "correct: change as little as possible, keep the rest of the prediction as it is, and end with "
@@ -210,12 +223,16 @@ def read_file_source(path: str) -> list[dict]:
 # Building
 
 
+SOURCES_HELP = ("human, self, rewrite, teacher:MODEL, minimum-change:MODEL, step-by-step:MODEL, "
+                "paraphrase:MODEL or file:PATH")
+MODEL_SOURCES = ("teacher", "minimum-change", "step-by-step", "paraphrase")  # <kind>:<another model>
+
+
 def source_kind(source: str) -> tuple[str, str | None]:
     kind, _, arg = source.partition(":")
-    if kind not in ("human", "self", "rewrite", "teacher", "minimum-change", "file"):
-        raise ValueError(f"unknown source '{source}' (use human, self, rewrite, teacher:MODEL, "
-                         f"minimum-change:MODEL or file:PATH)")
-    if kind in ("teacher", "minimum-change", "file") and not arg:
+    if kind not in ("human", "self", "rewrite", "file") + MODEL_SOURCES:
+        raise ValueError(f"unknown source '{source}' (use {SOURCES_HELP})")
+    if kind in MODEL_SOURCES + ("file",) and not arg:
         raise ValueError(f"source '{kind}' needs an argument: {kind}:{'PATH' if kind == 'file' else 'MODEL'}")
     return kind, arg or None
 
@@ -238,9 +255,9 @@ def build_inputs(source, model, task, n_train, seed, gen) -> dict:
     generated = kind not in ("human", "file")
     inputs = {"source": source, "model": model, "task": task, "n_train": n_train, "seed": seed,
               "generation": gen if generated else None,
-              "templates": {"rewrite": REWRITE_TEMPLATE, "rationalize": RATIONALIZE_TEMPLATE,
-                            "minimum_change": MINIMUM_CHANGE_TEMPLATE}.get(
-                  {"self": "rationalize", "rewrite": "rewrite", "minimum-change": "minimum_change"}.get(kind, ""))}
+              "templates": {"self": RATIONALIZE_TEMPLATE, "rewrite": REWRITE_TEMPLATE,
+                            "minimum-change": MINIMUM_CHANGE_TEMPLATE, "step-by-step": STEP_BY_STEP_TEMPLATE,
+                            "paraphrase": PARAPHRASE_TEMPLATE}.get(kind)}
     if generated:
         inputs["answer_rule"] = ANSWER_RULE
     if kind == "file":
@@ -362,22 +379,33 @@ def build_chunk(kind, arg, examples, model_name, gen, seed, chunk_no, models: Mo
                 else:
                     out[j].update(path="dropped")
         return out
-    if kind == "rewrite":
-        prompts = [REWRITE_TEMPLATE.format(question=e.question, answer=e.answer, gold=e.gold) for e in examples]
+    if kind in ("rewrite", "step-by-step"):  # a restatement of the ground truth, kept if still correct
+        name, template, label, salt = ((model_name, REWRITE_TEMPLATE, "rewritten", 2) if kind == "rewrite"
+                                       else (arg, STEP_BY_STEP_TEMPLATE, "step_by_step", 6))
+        prompts = [template.format(question=e.question, answer=e.answer, gold=e.gold) for e in examples]
         out = []
-        for b, e, (text, ended) in zip(base, examples, ask(model_name, prompts, False, 2)):
+        for b, e, (text, ended) in zip(base, examples, ask(name, prompts, False, salt)):
             ok = correct(text, ended, e)
-            out.append({**b, "response": text if ok else e.answer, "path": "rewritten" if ok else "ground_truth",
+            out.append({**b, "response": text if ok else e.answer, "path": label if ok else "ground_truth",
                         "rewrite_attempt": None if ok else text})
         return out
-    if kind == "teacher":
+    if kind in ("teacher", "paraphrase"):  # another model's answer (paraphrased by it), unfiltered by default
+        answers = ask(arg, [e.prompt for e in examples], False, 3)
+        if kind == "paraphrase":
+            prompts = [PARAPHRASE_TEMPLATE.format(question=e.question, answer=text)
+                       for e, (text, _) in zip(examples, answers)]
+            replies = ask(arg, prompts, False, 7)
+        else:
+            replies = answers
         out = []
-        for b, e, (text, ended) in zip(base, examples, ask(arg, [e.prompt for e in examples], False, 3)):
+        for b, e, (text, ended), (answer, _) in zip(base, examples, replies, answers):
             ok = correct(text, ended, e)
+            record = {**b, "teacher_answer": answer} if kind == "paraphrase" else dict(b)
             if gen["filter_correct"] and not ok:  # dropped: not trained on, kept here for the record
-                out.append({**b, "response": None, "path": "dropped", "teacher_answer": text})
+                out.append({**record, "response": None, "path": "dropped", "teacher_answer": answer,
+                            **({"paraphrase": text} if kind == "paraphrase" else {})})
             else:
-                out.append({**b, "response": text, "path": "teacher_correct" if ok else "teacher_wrong"})
+                out.append({**record, "response": text, "path": f"{kind}_correct" if ok else f"{kind}_wrong"})
         return out
     if kind == "minimum-change":
         preds = [text for text, _ in ask(model_name, [e.prompt for e in examples], False, 4)]
@@ -429,7 +457,7 @@ def build(source, model="smollm2-135m-instruct", task="gsm8k", n_train=None, see
         return read_built(folder)
 
     from pretrained import check_model_name
-    for name in [model] + ([arg] if kind in ("teacher", "minimum-change") else []):
+    for name in [model] + ([arg] if kind in MODEL_SOURCES else []):
         check_model_name(name)  # before a cache folder is made for a model that does not exist
     examples = tasks.splits(task, n_train=n_train, seed=seed)["train"]
     folder.mkdir(parents=True, exist_ok=True)
@@ -509,7 +537,7 @@ def load_cached(source: str, model: str, task: str, n_train: int | None = None, 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Build a training set from one response source (cached).")
     ap.add_argument("--source", required=True,
-                    help="human, self, rewrite, teacher:MODEL, minimum-change:MODEL or file:PATH")
+                    help=SOURCES_HELP)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="the target model (short name or folder)")
     ap.add_argument("--task", default="gsm8k", help="task (see tasks.py)")
     ap.add_argument("--n-train", type=int, default=DEFAULT_N_TRAIN, help="first N questions of the seeded shuffle")

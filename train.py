@@ -495,7 +495,7 @@ def build_parser():
     ap = argparse.ArgumentParser(description="Fine-tune on one or more response sources and compare them.")
     g = ap.add_argument_group("experiment")
     g.add_argument("--source", nargs="+", default=["self"],
-                   help="response source(s): human, self, rewrite, teacher:MODEL, minimum-change:MODEL, file:PATH")
+                   help=f"response source(s): {sources.SOURCES_HELP}")
     g.add_argument("--model", default="smollm2-135m-instruct", help="target model: short name or HF-format folder")
     g.add_argument("--task", default="gsm8k", help="training task (gsm8k or math)")
     g.add_argument("--eval-tasks", nargs="*", default=["gsm8k", "csqa"],
@@ -555,7 +555,7 @@ def check_args(args) -> None:
     from pretrained import check_model_name
     for source in args.source:
         kind, arg = sources.source_kind(source)
-        if kind in ("teacher", "minimum-change"):
+        if kind in sources.MODEL_SOURCES:
             check_model_name(arg)  # a teacher that does not exist: now, not after the first source trained
         if kind == "file":
             sources.file_fingerprint(arg)

@@ -16,7 +16,8 @@ def cache_in_tmp(tmp_path, monkeypatch, smollm2_dir):
 
 
 @pytest.mark.parametrize("source", ["human", "self", "rewrite", "teacher:smollm2-135m-instruct",
-                                    "minimum-change:smollm2-135m-instruct"])
+                                    "minimum-change:smollm2-135m-instruct", "step-by-step:smollm2-135m-instruct",
+                                    "paraphrase:smollm2-135m-instruct"])
 def test_each_source_builds_on_the_same_questions(source):
     records, manifest = sources.build(source, n_train=3, progress=False, **GEN)
     human, _ = sources.build("human", n_train=3, progress=False)
@@ -24,11 +25,14 @@ def test_each_source_builds_on_the_same_questions(source):
     assert manifest["questions"] == 3 and sum(manifest["counts_by_path"].values()) == 3
     assert all(isinstance(r["response"], str) and r["response"] for r in records)
     allowed = {"human": {"ground_truth"}, "self": {"sampled", "rationalized", "ground_truth"},
-               "rewrite": {"rewritten", "ground_truth"}}.get(source.split(":")[0])
+               "rewrite": {"rewritten", "ground_truth"}, "step-by-step": {"step_by_step", "ground_truth"},
+               "paraphrase": {"paraphrase_correct", "paraphrase_wrong"}}.get(source.split(":")[0])
     if allowed:
         assert set(manifest["counts_by_path"]) <= allowed
     if source.startswith("minimum-change"):
         assert all("original_prediction" in r for r in records)
+    if source.startswith("paraphrase"):
+        assert all(r["teacher_answer"] for r in records)
     folder = manifest["cache_folder"]
     on_disk = json.loads(open(f"{folder}/manifest.json").read())
     assert on_disk["inputs_sha256"] == manifest["inputs_sha256"] and on_disk["source"] == source
@@ -187,6 +191,47 @@ def test_rewrite_keeps_only_finished_restatements_of_the_gold_answer(monkeypatch
         assert records[i]["response"] == questions[i]["response"]
         assert records[i]["rewrite_attempt"] == scripts[i][0].format(g=questions[i]["gold"])
     assert manifest["counts_by_path"] == {"rewritten": 1, "ground_truth": 2}
+
+
+def test_step_by_step_is_a_checked_restatement_by_the_other_model(monkeypatch):
+    questions = sources.build("human", n_train=2, progress=False)[0]
+    asked = []
+
+    def reply(prompt, sampling):
+        i = next(i for i, q in enumerate(questions) if q["question"] in prompt)
+        asked.append(prompt)
+        return (f"1. Start.\n2. So Final Answer: {questions[0]['gold']}", True) if i == 0 else ("1. Start.", False)
+
+    scripted_generation(monkeypatch, reply)
+    records, manifest = sources.build("step-by-step:smollm2-135m-instruct", n_train=2, progress=False)
+    assert all("step by step" in p and questions[i]["response"] in p for i, p in enumerate(asked))
+    assert [r["path"] for r in records] == ["step_by_step", "ground_truth"]
+    assert records[0]["response"] == f"1. Start.\n2. So Final Answer: {questions[0]['gold']}"
+    assert records[1]["response"] == questions[1]["response"] and records[1]["rewrite_attempt"] == "1. Start."
+    assert manifest["templates"] == sources.STEP_BY_STEP_TEMPLATE  # in the cache key
+
+
+def test_paraphrase_rephrases_the_other_models_own_answer(monkeypatch):
+    questions = sources.build("human", n_train=2, progress=False)[0]
+    plain = [q["prompt"] for q in questions]
+
+    def reply(prompt, sampling):
+        if prompt in plain:  # the model answers first, as teacher:<model> would
+            i = plain.index(prompt)
+            return (f"Answer {i}: Final Answer: {questions[i]['gold'] if i == 0 else '0.5'}", True)
+        i = next(i for i in range(2) if f"Answer {i}: Final Answer:" in prompt)  # then paraphrases that answer
+        return (f"In other words, answer {i}: Final Answer: {questions[i]['gold'] if i == 0 else '0.5'}", True)
+
+    scripted_generation(monkeypatch, reply)
+    records, manifest = sources.build("paraphrase:smollm2-135m-instruct", n_train=2, progress=False)
+    assert [r["path"] for r in records] == ["paraphrase_correct", "paraphrase_wrong"]  # unfiltered by default
+    assert [r["response"] for r in records] == [
+        f"In other words, answer 0: Final Answer: {questions[0]['gold']}", "In other words, answer 1: Final Answer: 0.5"]
+    assert [r["teacher_answer"] for r in records] == [
+        f"Answer 0: Final Answer: {questions[0]['gold']}", "Answer 1: Final Answer: 0.5"]
+    kept, manifest = sources.build("paraphrase:smollm2-135m-instruct", n_train=2, progress=False, filter_correct=True)
+    assert [r["id"] for r in kept] == [questions[0]["id"]]
+    assert manifest["counts_by_path"] == {"paraphrase_correct": 1, "dropped": 1}
 
 
 def test_self_fallback_drop_trains_on_no_ground_truth(monkeypatch):
