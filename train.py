@@ -656,11 +656,12 @@ def main(argv=None):
 def print_summary(results: list[dict]):
     print("\n=== summary ===")
     tasks_ = list(dict.fromkeys(t for r in results for t in r["test"]))  # in-domain first
-    print(f"{'source':<24} {'train ppl':>9} {'best ep':>7} " + " ".join(f"{t:>16}" for t in tasks_))
+    w = max([24] + [len(r["source"]) for r in results])  # teacher:<model> names run long
+    print(f"{'source':<{w}} {'train ppl':>9} {'best ep':>7} " + " ".join(f"{t:>16}" for t in tasks_))
     for r in results:
         cells = [f"{r['test'][t]['accuracy']:.3f}±{(r['test'][t]['ci_high'] - r['test'][t]['ci_low']) / 2:.3f}"
                  if t in r["test"] else "-" for t in tasks_]
-        print(f"{r['source']:<24} {r['perplexity']['mean_ppl']:>9.3f} {str(r['best_epoch']):>7} "
+        print(f"{r['source']:<{w}} {r['perplexity']['mean_ppl']:>9.3f} {str(r['best_epoch']):>7} "
               + " ".join(f"{c:>16}" for c in cells))
     for r in results:
         print(f"run folder: {r['run_dir']}")
