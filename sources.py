@@ -16,7 +16,7 @@ the responses differs (paper section 2; DESIGN.md section 1):
 | minimum-change:<model>  | the target model's greedy prediction, corrected by <model> with as   |
 |                         | few changes as possible; the original prediction is kept beside it   |
 | step-by-step:<model>    | <model> reformats the ground truth as numbered steps; kept if its    |
-|                         | final answer still matches, else the ground truth                   |
+|                         | final answer still matches, else the ground truth                    |
 | paraphrase:<model>      | <model> answers (as teacher:<model>), then paraphrases that answer;  |
 |                         | not filtered unless --filter-correct; the answer is kept beside it   |
 | file:<path>             | a JSON list or JSONL of {question, answer} (the paper's released     |
@@ -61,8 +61,9 @@ CACHE_DIR = Path(os.environ.get("ILB_SOURCES_DIR", Path(__file__).resolve().pare
 DEFAULT_N_TRAIN = 32
 CHUNK = 8  # questions per generation chunk; the unit of resumption
 
-# What makes a generated reply count as correct (self, rewrite, --filter-correct, the path labels);
-# part of every generated set's cache key, so a set built under another rule is never reused.
+# What makes a generated reply count as correct (self, rewrite, step-by-step, --filter-correct, the
+# path labels); part of every generated set's cache key, so a set built under another rule is never
+# reused.
 ANSWER_RULE = ("the reply ended by itself (its end-of-turn token, not cut off at max_new_tokens) and "
                "its stated final answer (the last \\boxed{}, else 'Final Answer:', else '####'; not "
                "merely the last number in the text) equals the gold answer")
@@ -308,7 +309,7 @@ def add_generation_args(group, max_new_tokens: bool = True) -> None:
                        help="self: what to do when neither sampling nor rationalisation is correct "
                             "(default ground_truth; drop keeps only the model's own correct answers)")
     group.add_argument("--filter-correct", action="store_true", default=None,
-                       help="teacher: drop answers whose final answer is wrong (default: keep all, as the paper)")
+                       help="teacher, paraphrase: drop answers whose final answer is wrong (default: keep all, as the paper)")
     group.add_argument("--gen-batch-size", type=int, default=None,
                        help="prompts per generation batch (default 16; sources.py --batch-size); bf16 sampling "
                             "depends on the batching, so it is part of the cache key")

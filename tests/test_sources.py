@@ -120,16 +120,20 @@ def test_unknown_source_and_cli_error(capsys):
 
 
 def scripted_generation(monkeypatch, reply):
-    """Generation replaced by `reply(prompt, sampling) -> (text, ended by itself)`; no model loads."""
+    """Generation replaced by `reply(prompt, sampling) -> (text, ended by itself)`; no model loads.
+    Returns the list of (model name, prompt) the generation calls receive."""
     import data
-    monkeypatch.setattr(sources.ModelCache, "get", lambda self, name: (None, None))
+    asked = []  # (model name, prompt) of every generation call
+    monkeypatch.setattr(sources.ModelCache, "get", lambda self, name: (name, None))
 
     def fake(model, tok, prompts, max_new_tokens, temperature, top_p, seed, batch_size, return_finished):
         assert return_finished
+        asked.extend((model, p) for p in prompts)
         texts, ended = zip(*[reply(p, temperature > 0) for p in prompts])
         return list(texts), list(ended)
 
     monkeypatch.setattr(data, "generate_responses", fake)
+    return asked
 
 
 def test_only_finished_replies_that_state_the_answer_count_as_correct(monkeypatch):
@@ -193,18 +197,20 @@ def test_rewrite_keeps_only_finished_restatements_of_the_gold_answer(monkeypatch
     assert manifest["counts_by_path"] == {"rewritten": 1, "ground_truth": 2}
 
 
+OTHER = "qwen2.5-coder-0.5b-instruct"  # the other model of a <kind>:MODEL source (nothing loads)
+
+
 def test_step_by_step_is_a_checked_restatement_by_the_other_model(monkeypatch):
     questions = sources.build("human", n_train=2, progress=False)[0]
-    asked = []
 
     def reply(prompt, sampling):
         i = next(i for i, q in enumerate(questions) if q["question"] in prompt)
-        asked.append(prompt)
         return (f"1. Start.\n2. So Final Answer: {questions[0]['gold']}", True) if i == 0 else ("1. Start.", False)
 
-    scripted_generation(monkeypatch, reply)
-    records, manifest = sources.build("step-by-step:smollm2-135m-instruct", n_train=2, progress=False)
-    assert all("step by step" in p and questions[i]["response"] in p for i, p in enumerate(asked))
+    asked = scripted_generation(monkeypatch, reply)
+    records, manifest = sources.build(f"step-by-step:{OTHER}", n_train=2, progress=False)
+    assert [name for name, _ in asked] == [OTHER, OTHER]  # MODEL writes it, not the target model
+    assert all("step by step" in p and questions[i]["response"] in p for i, (_, p) in enumerate(asked))
     assert [r["path"] for r in records] == ["step_by_step", "ground_truth"]
     assert records[0]["response"] == f"1. Start.\n2. So Final Answer: {questions[0]['gold']}"
     assert records[1]["response"] == questions[1]["response"] and records[1]["rewrite_attempt"] == "1. Start."
@@ -212,26 +218,32 @@ def test_step_by_step_is_a_checked_restatement_by_the_other_model(monkeypatch):
 
 
 def test_paraphrase_rephrases_the_other_models_own_answer(monkeypatch):
+    """The verdict is on the paraphrase, not on the answer it rephrases: question 0's answer is
+    right and its paraphrase wrong, question 1's the other way round."""
     questions = sources.build("human", n_train=2, progress=False)[0]
     plain = [q["prompt"] for q in questions]
+    answer = [f"Answer 0: Final Answer: {questions[0]['gold']}", "Answer 1: Final Answer: 0.5"]
+    paraphrase = ["In other words, answer 0: Final Answer: 0.5",
+                  f"In other words, answer 1: Final Answer: {questions[1]['gold']}"]
 
     def reply(prompt, sampling):
         if prompt in plain:  # the model answers first, as teacher:<model> would
-            i = plain.index(prompt)
-            return (f"Answer {i}: Final Answer: {questions[i]['gold'] if i == 0 else '0.5'}", True)
-        i = next(i for i in range(2) if f"Answer {i}: Final Answer:" in prompt)  # then paraphrases that answer
-        return (f"In other words, answer {i}: Final Answer: {questions[i]['gold'] if i == 0 else '0.5'}", True)
+            return answer[plain.index(prompt)], True
+        i = next(i for i in range(2) if answer[i] in prompt)  # then paraphrases that answer
+        return paraphrase[i], True
 
-    scripted_generation(monkeypatch, reply)
-    records, manifest = sources.build("paraphrase:smollm2-135m-instruct", n_train=2, progress=False)
-    assert [r["path"] for r in records] == ["paraphrase_correct", "paraphrase_wrong"]  # unfiltered by default
-    assert [r["response"] for r in records] == [
-        f"In other words, answer 0: Final Answer: {questions[0]['gold']}", "In other words, answer 1: Final Answer: 0.5"]
-    assert [r["teacher_answer"] for r in records] == [
-        f"Answer 0: Final Answer: {questions[0]['gold']}", "Answer 1: Final Answer: 0.5"]
-    kept, manifest = sources.build("paraphrase:smollm2-135m-instruct", n_train=2, progress=False, filter_correct=True)
-    assert [r["id"] for r in kept] == [questions[0]["id"]]
-    assert manifest["counts_by_path"] == {"paraphrase_correct": 1, "dropped": 1}
+    asked = scripted_generation(monkeypatch, reply)
+    records, manifest = sources.build(f"paraphrase:{OTHER}", n_train=2, progress=False)
+    assert {name for name, _ in asked} == {OTHER} and len(asked) == 4  # MODEL answers and paraphrases
+    assert [r["path"] for r in records] == ["paraphrase_wrong", "paraphrase_correct"]  # unfiltered by default
+    assert [r["response"] for r in records] == paraphrase and [r["teacher_answer"] for r in records] == answer
+    assert manifest["templates"] == sources.PARAPHRASE_TEMPLATE  # in the cache key
+    kept, manifest = sources.build(f"paraphrase:{OTHER}", n_train=2, progress=False, filter_correct=True)
+    assert [r["id"] for r in kept] == [questions[1]["id"]]
+    assert manifest["counts_by_path"] == {"dropped": 1, "paraphrase_correct": 1}
+    on_disk = [json.loads(l) for l in open(f"{manifest['cache_folder']}/data.jsonl")]
+    assert on_disk[0]["response"] is None and on_disk[0]["path"] == "dropped"  # not trained on, kept on record
+    assert (on_disk[0]["teacher_answer"], on_disk[0]["paraphrase"]) == (answer[0], paraphrase[0])
 
 
 def test_self_fallback_drop_trains_on_no_ground_truth(monkeypatch):
@@ -332,7 +344,10 @@ def test_write_json_atomic_leaves_no_temp_file_when_it_fails(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-@pytest.mark.parametrize("source,model", [("human", "nosuch"), ("teacher:nosuch", "smollm2-135m-instruct")])
+@pytest.mark.parametrize("source,model", [("human", "nosuch"), ("teacher:nosuch", "smollm2-135m-instruct"),
+                                          ("minimum-change:nosuch", "smollm2-135m-instruct"),
+                                          ("step-by-step:nosuch", "smollm2-135m-instruct"),
+                                          ("paraphrase:nosuch", "smollm2-135m-instruct")])
 def test_an_unknown_model_leaves_no_cache_folder(source, model, tmp_path):
     with pytest.raises(FileNotFoundError, match="unknown model 'nosuch'"):
         sources.build(source, model, n_train=2, progress=False)

@@ -438,6 +438,8 @@ def test_base_scores_are_not_shared_by_models_in_folders_of_the_same_name(tiny_d
     (["--seed", str(2 ** 70)], "--seed must be between 0"), (["--source", "human", "bogus"], "unknown source 'bogus'"),
     (["--device", "nosuch"], "unknown device 'nosuch'"),
     (["--source", "human", "teacher:nosuch"], "unknown model 'nosuch'"),
+    (["--source", "paraphrase:nosuch"], "unknown model 'nosuch'"),
+    (["--source", "step-by-step:nosuch"], "unknown model 'nosuch'"),
     (["--source", "file:/nonexistent.json"], "file source /nonexistent.json does not exist"),
     (["--eval-tasks", "nosuch"], "--eval-tasks: unknown nosuch"), (["--n-train", "10000000"], "n_train=10000000"),
     (["--seed", str(2 ** 30)], "--seed must be between 0 and 2**30 - 1")])
