@@ -738,10 +738,16 @@ def plot_ppl_vs_accuracy(labels, ppls, accs, task, rho, path: Path) -> Path | No
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     ax.scatter(ppls, accs)
-    for label, x, y in zip(labels, ppls, accs):
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.margins(x=0.3, y=0.15)  # room for the labels inside the axes
+    # labels of neighbouring points (in perplexity order) alternate above and below, so that two
+    # sources with the same accuracy and close perplexities do not print over each other;
+    # teacher:<model>-style names break after the colon
+    by_x = sorted(range(len(labels)), key=lambda i: ppls[i])
+    for rank, i in enumerate(by_x):
+        ax.annotate(labels[i].replace(":", ":\n", 1), (ppls[i], accs[i]), textcoords="offset points",
+                    xytext=(4, 4 if rank % 2 == 0 else -16), fontsize=8, va="bottom" if rank % 2 == 0 else "top")
     ax.set_xlabel("training-set perplexity (untuned model, mean)")
     ax.set_ylabel(f"{task} test accuracy after fine-tuning")
     ax.set_title(f"Spearman rho = {rho:.2f}")
