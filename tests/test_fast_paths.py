@@ -872,3 +872,28 @@ def test_cuda_lora_gradients_equal_cpu():
     assert grads["cpu"].keys() == grads["cuda"].keys() and grads["cpu"]
     for n, g_cpu in grads["cpu"].items():
         assert (grads["cuda"][n] - g_cpu).abs().max().item() <= 1e-4 * max(1.0, g_cpu.abs().max().item()), n
+
+
+@cuda
+def test_cuda_grad_checkpoint_under_bf16_autocast_keeps_the_gradients():
+    """train.py on CUDA autocasts to bf16; recomputing each layer in the backward
+    (--grad-checkpoint) must replay that autocast and give the same LoRA gradients."""
+    from lora import inject_lora
+    from train import masked_nll_sum
+    grads = {}
+    for recompute in (False, True):
+        m = flash_shaped_model(seed=4).to("cuda")
+        inject_lora(m, ["q_proj", "v_proj"], r=4, alpha=8, dropout=0.0, seed=0)
+        g = torch.Generator().manual_seed(1)
+        for n, p in m.named_parameters():
+            if p.requires_grad and "lora_B" in n:
+                p.data.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        m.gradient_checkpointing = recompute
+        ids = ids_of((2, 30), 25)
+        tgt = torch.zeros_like(ids, dtype=torch.bool)
+        tgt[:, 10:] = True
+        masked_nll_sum(m, Batch(ids, tgt, torch.full((2,), 30)).to("cuda"), torch.bfloat16).backward()
+        grads[recompute] = {n: p.grad.float().cpu() for n, p in m.named_parameters() if p.requires_grad}
+    assert grads[False].keys() == grads[True].keys() and grads[False]
+    for n, g_plain in grads[False].items():
+        assert (grads[True][n] - g_plain).abs().max().item() <= 1e-3 * max(1.0, g_plain.abs().max().item()), n
