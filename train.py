@@ -563,16 +563,15 @@ def check_args(args) -> None:
         "n_train", "n_val", "n_test", "epochs", "batch_size", "micro_batch", "eval_batch_size", "max_seq_len",
         "lora_r")})
     sources.check_output_folder(args.runs_dir, "--runs-dir")
-    finite = lambda x: math.isfinite(x)  # noqa: E731
-    if not (finite(args.lr) and args.lr > 0):
+    if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr must be a finite number > 0; got {args.lr}")
     if not 0 <= args.warmup_ratio <= 1:
         raise ValueError(f"--warmup-ratio must be between 0 and 1; got {args.warmup_ratio}")
-    if not (finite(args.weight_decay) and args.weight_decay >= 0):
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         raise ValueError(f"--weight-decay must be a finite number >= 0; got {args.weight_decay}")
-    if not (finite(args.grad_clip) and args.grad_clip > 0):
+    if not (math.isfinite(args.grad_clip) and args.grad_clip > 0):
         raise ValueError(f"--grad-clip must be a finite number > 0; got {args.grad_clip}")
-    if not (finite(args.lora_alpha) and args.lora_alpha > 0):
+    if not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
         raise ValueError(f"--lora-alpha must be a finite number > 0; got {args.lora_alpha}")
     if not 0 <= args.lora_dropout < 1:
         raise ValueError(f"--lora-dropout must be in [0, 1); got {args.lora_dropout}")

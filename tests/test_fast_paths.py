@@ -852,23 +852,28 @@ def test_cuda_generate_batched_equals_alone_and_cpu():
     assert batched == generate(flash_shaped_model(seed=2), prompts, max_new_tokens=12)
 
 
-@cuda
-def test_cuda_lora_gradients_equal_cpu():
+def lora_grads(device, model_seed: int, ids_seed: int, autocast_dtype=None, recompute: bool = False) -> dict:
+    """LoRA (q/v, r 4) gradients of masked_nll_sum on a flash-shaped model: B drawn on the CPU
+    (the same values on every device), so that A gets a gradient too."""
     from lora import inject_lora
     from train import masked_nll_sum
-    grads = {}
-    for device in ("cpu", "cuda"):
-        m = flash_shaped_model(seed=3).to(device)
-        inject_lora(m, ["q_proj", "v_proj"], r=4, alpha=8, dropout=0.0, seed=0)
-        g = torch.Generator().manual_seed(1)  # B starts at zero; make it non-zero so A gets gradient
-        for n, p in m.named_parameters():  # drawn on the CPU: the same values on both devices
-            if p.requires_grad and "lora_B" in n:
-                p.data.copy_(torch.randn(p.shape, generator=g) * 0.02)
-        ids = ids_of((2, 30), 24)
-        tgt = torch.zeros_like(ids, dtype=torch.bool)
-        tgt[:, 10:] = True
-        masked_nll_sum(m, Batch(ids, tgt, torch.full((2,), 30)).to(device), None).backward()
-        grads[device] = {n: p.grad.cpu() for n, p in m.named_parameters() if p.requires_grad}
+    m = flash_shaped_model(seed=model_seed).to(device)
+    inject_lora(m, ["q_proj", "v_proj"], r=4, alpha=8, dropout=0.0, seed=0)
+    g = torch.Generator().manual_seed(1)
+    for n, p in m.named_parameters():
+        if p.requires_grad and "lora_B" in n:
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    m.gradient_checkpointing = recompute
+    ids = ids_of((2, 30), ids_seed)
+    tgt = torch.zeros_like(ids, dtype=torch.bool)
+    tgt[:, 10:] = True
+    masked_nll_sum(m, Batch(ids, tgt, torch.full((2,), 30)).to(device), autocast_dtype).backward()
+    return {n: p.grad.float().cpu() for n, p in m.named_parameters() if p.requires_grad}
+
+
+@cuda
+def test_cuda_lora_gradients_equal_cpu():
+    grads = {device: lora_grads(device, 3, 24) for device in ("cpu", "cuda")}
     assert grads["cpu"].keys() == grads["cuda"].keys() and grads["cpu"]
     for n, g_cpu in grads["cpu"].items():
         assert (grads["cuda"][n] - g_cpu).abs().max().item() <= 1e-4 * max(1.0, g_cpu.abs().max().item()), n
@@ -878,22 +883,7 @@ def test_cuda_lora_gradients_equal_cpu():
 def test_cuda_grad_checkpoint_under_bf16_autocast_keeps_the_gradients():
     """train.py on CUDA autocasts to bf16; recomputing each layer in the backward
     (--grad-checkpoint) must replay that autocast and give the same LoRA gradients."""
-    from lora import inject_lora
-    from train import masked_nll_sum
-    grads = {}
-    for recompute in (False, True):
-        m = flash_shaped_model(seed=4).to("cuda")
-        inject_lora(m, ["q_proj", "v_proj"], r=4, alpha=8, dropout=0.0, seed=0)
-        g = torch.Generator().manual_seed(1)
-        for n, p in m.named_parameters():
-            if p.requires_grad and "lora_B" in n:
-                p.data.copy_(torch.randn(p.shape, generator=g) * 0.02)
-        m.gradient_checkpointing = recompute
-        ids = ids_of((2, 30), 25)
-        tgt = torch.zeros_like(ids, dtype=torch.bool)
-        tgt[:, 10:] = True
-        masked_nll_sum(m, Batch(ids, tgt, torch.full((2,), 30)).to("cuda"), torch.bfloat16).backward()
-        grads[recompute] = {n: p.grad.float().cpu() for n, p in m.named_parameters() if p.requires_grad}
+    grads = {recompute: lora_grads("cuda", 4, 25, torch.bfloat16, recompute) for recompute in (False, True)}
     assert grads[False].keys() == grads[True].keys() and grads[False]
     for n, g_plain in grads[False].items():
         assert (grads[True][n] - g_plain).abs().max().item() <= 1e-3 * max(1.0, g_plain.abs().max().item()), n

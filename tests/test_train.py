@@ -52,20 +52,36 @@ def test_every_example_once_per_epoch_across_ranks():
     assert train.epoch_steps(30, 8, 0, 0) != train.epoch_steps(30, 8, 0, 1)  # reshuffled each epoch
 
 
+def lora_model(tiny_dir, dtype="fp32", dropout=0.0):
+    """The tiny model with LoRA on q/v (r 4, alpha 8) whose A and B are all random (seed 0), so
+    that every LoRA parameter gets a gradient."""
+    from lora import inject_lora
+    torch.manual_seed(0)
+    model = Transformer.from_pretrained(tiny_dir, dtype)
+    inject_lora(model, ["q_proj", "v_proj"], 4, 8, dropout, seed=0)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.1)
+    return model
+
+
+@pytest.fixture
+def checkpoint_calls(monkeypatch):
+    """How many times torch.utils.checkpoint.checkpoint ran (one call per recomputed layer)."""
+    calls = []
+    real_checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
+    return calls
+
+
 def test_loss_is_weighted_by_tokens_across_micro_batches(tiny_dir):
     """One optimiser step's gradient equals that of sum(NLL)/sum(tokens) over the whole step,
     however the step is cut into micro-batches (a mean of micro-batch means would differ)."""
-    from lora import inject_lora
     tok = Tokenizer.from_folder(tiny_dir)
     rendered = [render(tok, f"q{i}", "word " * (1 + 7 * i) + "Final Answer: 1") for i in range(5)]
 
     def grads(micro):
-        torch.manual_seed(0)
-        model = Transformer.from_pretrained(tiny_dir, "fp32")
-        inject_lora(model, ["q_proj", "v_proj"], 4, 8, 0.0, seed=0)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data.normal_(0, 0.1)
+        model = lora_model(tiny_dir)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
         args = type("A", (), {"micro_batch": micro, "pad_id": tok.pad_id, "grad_clip": 1e9})()
         captured = {}
@@ -95,24 +111,16 @@ def test_loss_is_weighted_by_tokens_across_micro_batches(tiny_dir):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_grad_checkpoint_gives_the_same_gradients(tiny_dir, dtype, monkeypatch):
+def test_grad_checkpoint_gives_the_same_gradients(tiny_dir, dtype, checkpoint_calls):
     """--grad-checkpoint recomputes each layer in the backward (counted here) and changes no
     gradient: rows of different lengths (the packed path), LoRA dropout on (same masks again)."""
-    from lora import inject_lora
     tok = Tokenizer.from_folder(tiny_dir)
     rendered = [render(tok, f"q{i}", "word " * (1 + 5 * i) + "Final Answer: 1") for i in range(3)]
     batch = collate(rendered, tok.pad_id)
-    calls = []
-    real_checkpoint = torch.utils.checkpoint.checkpoint
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
+    calls = checkpoint_calls
 
     def grads(recompute):
-        torch.manual_seed(0)
-        model = Transformer.from_pretrained(tiny_dir, dtype)
-        inject_lora(model, ["q_proj", "v_proj"], 4, 8, 0.3, seed=0)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data.normal_(0, 0.1)
+        model = lora_model(tiny_dir, dtype, dropout=0.3)
         model.train()
         model.gradient_checkpointing = recompute
         torch.manual_seed(1)  # the same dropout draws in both runs
@@ -129,10 +137,8 @@ def test_grad_checkpoint_gives_the_same_gradients(tiny_dir, dtype, monkeypatch):
         assert torch.equal(plain[name], again[name]), name
 
 
-def test_a_run_with_grad_checkpoint_trains_the_same_adapter(tiny_dir, tmp_path, monkeypatch):
-    calls = []
-    real_checkpoint = torch.utils.checkpoint.checkpoint
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
+def test_a_run_with_grad_checkpoint_trains_the_same_adapter(tiny_dir, tmp_path, checkpoint_calls):
+    calls = checkpoint_calls
     train.main(base_args(tiny_dir, tmp_path / "a", epochs=1))
     assert calls == []
     train.main(base_args(tiny_dir, tmp_path / "b", epochs=1) + ["--grad-checkpoint"])
@@ -160,15 +166,10 @@ def test_lr_schedule_and_gradient_clipping(tiny_dir, tmp_path):
     assert lrs == pytest.approx([train.lr_at(s, 6, 2, 1e-2) for s in range(6)])
     assert lrs[1] == pytest.approx(1e-2) and lrs[0] == pytest.approx(5e-3) and lrs[-1] < lrs[2]
 
-    from lora import inject_lora
     tok = Tokenizer.from_folder(tiny_dir)
     rendered = [render(tok, f"q{i}", "word " * (2 + i) + "Final Answer: 1") for i in range(3)]
-    torch.manual_seed(0)
-    model = Transformer.from_pretrained(tiny_dir, "fp32")
-    inject_lora(model, ["q_proj", "v_proj"], 4, 8, 0.0, seed=0)
+    model = lora_model(tiny_dir)
     params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.data.normal_(0, 0.1)
     opt = torch.optim.SGD(params, lr=0.0)
     seen = {}
     orig_step = opt.step
