@@ -183,6 +183,8 @@ def main(argv=None):
     s.add_argument("--n-train", type=int, default=None,
                    help="size of the built training set to read (sources.py --n-train; default its default)")
     s.add_argument("--seed", type=int, default=0, help="split seed")
+    import sources
+    sources.add_question_args(s)
     args = ap.parse_args(argv)
 
     from pretrained import resolve_model
@@ -194,11 +196,12 @@ def main(argv=None):
             raise ValueError(f"--task {args.task} has no training split (it is evaluation-only); "
                              f"show one of {', '.join(t for t in tasks.TASKS if tasks.has_train(t))}")
         if args.source == "human":
-            pairs = [(e.prompt, e.answer) for e in tasks.splits(args.task, seed=args.seed)["train"][: args.n]]
+            pairs = [(e.prompt, e.answer) for e in tasks.splits(
+                args.task, seed=args.seed, **sources.question_overrides(args))["train"][: args.n]]
         else:
-            import sources
             pairs = [(r["prompt"], r["response"]) for r in sources.load_cached(
-                args.source, args.model, args.task, n_train=args.n_train, seed=args.seed)[: args.n]]
+                args.source, args.model, args.task, n_train=args.n_train, seed=args.seed,
+                **sources.question_overrides(args))[: args.n]]
     except (FileNotFoundError, ValueError, KeyError) as e:
         sys.exit(f"error: {e}")
     for k, (prompt, response) in enumerate(pairs):

@@ -53,6 +53,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Sequence
 
+import stats
+
 # ----------------------------------------------------------------------------------------------
 # 1. Tasks: which kind of answer each task has
 
@@ -682,48 +684,157 @@ def load_run(path) -> dict:
     return run
 
 
-def write_report(run_paths: Sequence[str], out_dir: str | None = None) -> Path:
-    """report.md (+ perplexity_vs_accuracy.png): one row per run, in-domain accuracy with its
-    interval, every other task, and the mean change from the untuned base model on other tasks."""
+def load_answers(folder, task: str) -> dict[str, dict] | None:
+    """A run's (or the untuned model's) per-question records of one task, by question id; None
+    when the folder has none (an older run, or a task it was not tested on)."""
+    if not folder:
+        return None
+    path = Path(folder) / f"eval-{task}.jsonl"
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["id"]: r for r in rows}
+
+
+def gold_loglik(record: dict) -> float | None:
+    """Multiple choice: the log-likelihood of the gold option as the reply (None otherwise). Near
+    chance, accuracy barely moves; this moves with every bit of forgetting."""
+    if "logprobs" not in record or record.get("gold") is None:
+        return None
+    return record["logprobs"]["ABCDEFGHIJ".index(record["gold"])]
+
+
+def paired_accuracy(a: dict, b: dict) -> dict | None:
+    """Run a against run b on the questions both answered: the accuracy difference with its
+    paired bootstrap interval and the exact McNemar p-value."""
+    common = [i for i in a if i in b]
+    if not common:
+        return None
+    x, y = [a[i]["correct"] for i in common], [b[i]["correct"] for i in common]
+    diff, lo, hi = stats.paired_difference([float(v) for v in x], [float(v) for v in y])
+    return {"n": len(common), "difference": diff, "ci_low": lo, "ci_high": hi, **stats.mcnemar_exact(x, y)}
+
+
+def paired_gold_loglik(a: dict, b: dict) -> dict | None:
+    """Mean change a - b of the gold option's log-likelihood, paired per question, with its interval."""
+    common = [i for i in a if i in b and gold_loglik(a[i]) is not None and gold_loglik(b[i]) is not None]
+    if not common:
+        return None
+    diff, lo, hi = stats.paired_difference([gold_loglik(a[i]) for i in common], [gold_loglik(b[i]) for i in common])
+    return {"n": len(common), "difference": diff, "ci_low": lo, "ci_high": hi}
+
+
+def compare_runs(run_paths: Sequence[str]) -> dict:
+    """Every number of the comparison report, paired per question (stats.py): for each source,
+    its untuned perplexity with a bootstrap interval, its validation loss before and after, and
+    per task its accuracy, the paired difference to the human run and to the untuned model
+    (bootstrap interval, McNemar p) and, for multiple choice, the paired change of the gold
+    option's log-likelihood; then the correlation across sources between untuned perplexity and
+    the in-domain accuracy change."""
     runs = [load_run(p) for p in run_paths]
-    out = Path(out_dir or Path(run_paths[0]).parent)
     in_domain = runs[0]["task"]
-    others = sorted({t for r in runs for t in r["test"] if t != in_domain})
-    base = runs[0].get("base")
-    lines = [f"# Response sources compared: {runs[0]['model']} on {in_domain}", "",
-             f"Runs: {', '.join(str(p) for p in run_paths)}. Accuracy with 95% Wilson intervals; "
-             f"training-set perplexity is the untuned model's mean per-example perplexity on that source's responses.",
-             ""]
-    head = ["source", "train ppl (mean)", "train ppl (pooled)", f"{in_domain} (in-domain)"] + others + [
-        "mean change on other tasks"]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "---|" * len(head))
-    fmt = lambda t: f"{t['accuracy']:.3f} [{t['ci_low']:.3f}, {t['ci_high']:.3f}]"  # noqa: E731
-    if base:
-        row = ["untuned base", "-", "-", fmt(base[in_domain]) if in_domain in base else "-"]
-        row += [fmt(base[t]) if t in base else "-" for t in others] + ["0"]
-        lines.append("| " + " | ".join(row) + " |")
-    ppls, accs = [], []
+    task_names = [in_domain] + sorted({t for r in runs for t in r["test"] if t != in_domain})
+    human = next((r for r in runs if r["source"] == "human"), None)
+    base_dir = next((r.get("base_dir") for r in runs if r.get("base_dir")), None)
+    base = {t: load_answers(base_dir, t) for t in task_names}
+    sources_out = []
     for r in runs:
-        changes = [r["test"][t]["accuracy"] - base[t]["accuracy"] for t in others
-                   if base and t in base and t in r["test"]]
-        row = [r["source"], f"{r['perplexity']['mean_ppl']:.3f}", f"{r['perplexity']['pooled_ppl']:.3f}",
-               fmt(r["test"][in_domain])]
-        row += [fmt(r["test"][t]) if t in r["test"] else "-" for t in others]
-        row += [f"{sum(changes) / len(changes):+.3f}" if changes else "-"]
-        lines.append("| " + " | ".join(row) + " |")
-        ppls.append(r["perplexity"]["mean_ppl"])
-        accs.append(r["test"][in_domain]["accuracy"])
-    rho = spearman(ppls, accs)
-    lines += ["", f"Spearman correlation between training-set perplexity and in-domain accuracy over "
-                  f"{len(runs)} sources: {rho:.3f} (the paper predicts a negative value: more familiar "
-                  f"data, better learning).", ""]
-    png = plot_ppl_vs_accuracy([r["source"] for r in runs], ppls, accs, in_domain, rho,
-                               out / "perplexity_vs_accuracy.png")
-    if png:
-        lines.append(f"![perplexity vs accuracy]({png.name})")
-    else:
-        lines.append("(no plot: matplotlib is not installed; `pip install matplotlib`)")
+        ppl_file = Path(r["run_dir"]) / "perplexity.json"
+        per = json.loads(ppl_file.read_text())["per_example"] if ppl_file.is_file() else None
+        ppl = r["perplexity"]
+        entry = {"source": r["source"], "run_dir": r["run_dir"], "n_train": r.get("train_examples"),
+                 "ppl_mean": ppl["mean_ppl"], "ppl_pooled": ppl["pooled_ppl"],
+                 "ppl_ci": list(stats.bootstrap_mean_ci([e["ppl"] for e in per])[1:]) if per else None,
+                 "validation_loss": r.get("validation_loss"), "lora_update": r.get("lora_update"), "tasks": {}}
+        for t in task_names:
+            if t not in r["test"]:
+                continue
+            mine = load_answers(r["run_dir"], t)
+            cell = {k: r["test"][t][k] for k in ("accuracy", "ci_low", "ci_high", "n")}
+            if mine is not None:
+                if base[t] is not None:
+                    cell["vs_untuned"] = paired_accuracy(mine, base[t])
+                    cell["gold_loglik_vs_untuned"] = paired_gold_loglik(mine, base[t])
+                theirs = load_answers(human["run_dir"], t) if human and human is not r else None
+                if theirs is not None:
+                    cell["vs_human"] = paired_accuracy(mine, theirs)
+            entry["tasks"][t] = cell
+        sources_out.append(entry)
+    with_change = [e for e in sources_out if (e["tasks"].get(in_domain) or {}).get("vs_untuned")]
+    corr = stats.permutation_test([e["ppl_mean"] for e in with_change],
+                                  [e["tasks"][in_domain]["vs_untuned"]["difference"] for e in with_change])
+    corr["spearman"] = spearman([e["ppl_mean"] for e in with_change],
+                                [e["tasks"][in_domain]["vs_untuned"]["difference"] for e in with_change])
+    untuned = {t: {"accuracy": sum(x["correct"] for x in base[t].values()) / len(base[t]), "n": len(base[t])}
+               for t in task_names if base[t]}
+    return {"model": runs[0]["model"], "task": in_domain, "tasks": task_names, "runs": [str(p) for p in run_paths],
+            "base_dir": base_dir, "untuned": untuned, "sources": sources_out, "correlation": corr}
+
+
+def _ci(c: dict | None, digits: int = 3, pct: bool = False) -> str:
+    """'+0.012 [-0.010, +0.034] p=0.41' for a paired comparison; '-' when there is none."""
+    if not c:
+        return "-"
+    f = (lambda v: f"{100 * v:+.1f}") if pct else (lambda v: f"{v:+.{digits}f}")
+    p = f" p={c['p']:.2g}" if "p" in c else ""
+    return f"{f(c['difference'])} [{f(c['ci_low'])}, {f(c['ci_high'])}]{p}"
+
+
+def write_report(run_paths: Sequence[str], out_dir: str | None = None) -> Path:
+    """report.md, report.json (every number) and perplexity_vs_accuracy.png for finished runs of
+    the same task and test questions."""
+    cmp_ = compare_runs(run_paths)
+    out = Path(out_dir or Path(run_paths[0]).parent)
+    out.mkdir(parents=True, exist_ok=True)
+    in_domain, others = cmp_["task"], cmp_["tasks"][1:]
+    lines = [f"# Response sources compared: {cmp_['model']} on {in_domain}", "",
+             "Every source trained on the same questions and was tested on the same test questions, so each "
+             "comparison is paired per question: differences in accuracy points with a paired bootstrap 95% "
+             "interval and an exact McNemar p-value; untuned perplexity (the paper's familiarity) with a "
+             "bootstrap 95% interval; accuracy with a Wilson 95% interval.", ""]
+    if cmp_["untuned"]:
+        lines.append("Untuned model: " + ", ".join(f"{t} {u['accuracy']:.3f} (n={u['n']})"
+                                                  for t, u in cmp_["untuned"].items()) + ".")
+        lines.append("")
+    head = ["source", "untuned ppl [95% CI]", "val loss before -> after", f"{in_domain} accuracy",
+            "vs human (points)", "vs untuned (points)"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    flagged = []
+    for e in cmp_["sources"]:
+        v, t = e["validation_loss"] or {}, e["tasks"].get(in_domain, {})
+        ppl = f"{e['ppl_mean']:.3f}" + (f" [{e['ppl_ci'][0]:.3f}, {e['ppl_ci'][1]:.3f}]" if e["ppl_ci"] else "")
+        val = f"{v['before']:.3f} -> {v['after']:.3f} ({100 * v['relative_change']:+.1f}%)" if "before" in v else "n/a"
+        if v.get("learned") is not True:
+            flagged.append(e["source"])
+            val += " [!]"
+        acc = f"{t['accuracy']:.3f} [{t['ci_low']:.3f}, {t['ci_high']:.3f}]" if t else "-"
+        lines.append(f"| {e['source']} | {ppl} | {val} | {acc} | {_ci(t.get('vs_human'), pct=True)} | "
+                     f"{_ci(t.get('vs_untuned'), pct=True)} |")
+    if others:
+        lines += ["", "Forgetting: accuracy change and change of the gold option's log-likelihood (nats, per "
+                      "question) against the untuned model, paired.", ""]
+        head = ["source"] + [f"{t} accuracy vs untuned" for t in others] + [f"{t} gold log-lik vs untuned"
+                                                                            for t in others]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for e in cmp_["sources"]:
+            cells = [_ci(e["tasks"].get(t, {}).get("vs_untuned"), pct=True) for t in others]
+            cells += [_ci(e["tasks"].get(t, {}).get("gold_loglik_vs_untuned")) for t in others]
+            lines.append(f"| {e['source']} | " + " | ".join(cells) + " |")
+    c = cmp_["correlation"]
+    lines += ["", f"Correlation across sources between untuned perplexity and the {in_domain} accuracy change from "
+                  f"the untuned model: Pearson r = {c['r']:.3f} (permutation p = {c['p']:.3g}), Spearman rho = "
+                  f"{c['spearman']:.3f}, n = {c['n']} sources. The paper predicts a negative value: more familiar "
+                  f"data, more learning."]
+    if c["n"] < 5:
+        lines.append(f"Warning: {c['n']} points; a correlation over fewer than five sources says next to nothing.")
+    if flagged:
+        lines += ["", f"[!] Not a result: {', '.join(flagged)}: the validation loss on the source's own answers did "
+                      f"not fall clearly (or could not be measured), so the tuned model is close to the untuned one."]
+    from sources import write_json_atomic
+    png = plot_ppl_vs_accuracy(cmp_, out / "perplexity_vs_accuracy.png")
+    lines += ["", f"![perplexity vs accuracy change]({png.name})" if png else
+              "(no plot: matplotlib is not installed; `pip install matplotlib`)"]
+    write_json_atomic(out / "report.json", cmp_)
     report = out / "report.md"
     tmp = report.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n")
@@ -731,26 +842,39 @@ def write_report(run_paths: Sequence[str], out_dir: str | None = None) -> Path:
     return report
 
 
-def plot_ppl_vs_accuracy(labels, ppls, accs, task, rho, path: Path) -> Path | None:
+def plot_ppl_vs_accuracy(cmp_: dict, path: Path) -> Path | None:
+    """Untuned perplexity (x, bootstrap interval) against the in-domain accuracy change from the
+    untuned model (y, paired interval), one point per source."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    task = cmp_["task"]
+    points = [e for e in cmp_["sources"] if (e["tasks"].get(task) or {}).get("vs_untuned")]
+    if not points:
+        return None
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.scatter(ppls, accs)
+    xs = [e["ppl_mean"] for e in points]
+    ys = [100 * e["tasks"][task]["vs_untuned"]["difference"] for e in points]
+    xerr = [[x - (e["ppl_ci"] or [x, x])[0] for x, e in zip(xs, points)],
+            [(e["ppl_ci"] or [x, x])[1] - x for x, e in zip(xs, points)]]
+    yerr = [[y - 100 * e["tasks"][task]["vs_untuned"]["ci_low"] for y, e in zip(ys, points)],
+            [100 * e["tasks"][task]["vs_untuned"]["ci_high"] - y for y, e in zip(ys, points)]]
+    ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="o", capsize=3)
+    ax.axhline(0, color="grey", lw=0.8)
     ax.margins(x=0.3, y=0.15)  # room for the labels inside the axes
-    # labels of neighbouring points (in perplexity order) alternate above and below, so that two
-    # sources with the same accuracy and close perplexities do not print over each other;
+    # labels of neighbouring points (in perplexity order) alternate above and below;
     # teacher:<model>-style names break after the colon
-    by_x = sorted(range(len(labels)), key=lambda i: ppls[i])
+    by_x = sorted(range(len(points)), key=lambda i: xs[i])
     for rank, i in enumerate(by_x):
-        ax.annotate(labels[i].replace(":", ":\n", 1), (ppls[i], accs[i]), textcoords="offset points",
+        ax.annotate(points[i]["source"].replace(":", ":\n", 1), (xs[i], ys[i]), textcoords="offset points",
                     xytext=(4, 4 if rank % 2 == 0 else -16), fontsize=8, va="bottom" if rank % 2 == 0 else "top")
-    ax.set_xlabel("training-set perplexity (untuned model, mean)")
-    ax.set_ylabel(f"{task} test accuracy after fine-tuning")
-    ax.set_title(f"Spearman rho = {rho:.2f}")
+    ax.set_xlabel("untuned perplexity of the training answers (mean, 95% CI)")
+    ax.set_ylabel(f"{task} accuracy change vs untuned (points)")
+    c = cmp_["correlation"]
+    ax.set_title(f"r = {c['r']:.2f} (permutation p = {c['p']:.2g}, n = {c['n']})")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp)

@@ -208,6 +208,19 @@ def unmerge_lora(model: nn.Module) -> None:
         m.unmerge()
 
 
+@torch.no_grad()
+def update_ratios(model: nn.Module) -> dict[str, float]:
+    """How far training moved each adapted layer: ||scale * B A||_F / ||W||_F (W the frozen base
+    weight), by module name. ~1e-4 means the tuned model is, for practical purposes, the base."""
+    ratios = {}
+    for name, m in lora_layers(model).items():
+        w = m.base.weight.float()
+        if m.merged:  # W already holds W + B A
+            w = w - m.delta_weight()
+        ratios[name] = float(m.delta_weight().norm() / w.norm())
+    return ratios
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; a tied weight counts once."""
     params = list(model.parameters())  # parameters() already drops duplicates (tied weights)

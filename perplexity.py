@@ -227,6 +227,7 @@ def format_table(results: list[dict]) -> str:
 
 def main(argv=None):
     import sources
+    import tasks
     ap = argparse.ArgumentParser(description="Perplexity of the untuned model on each source's responses.")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="short name or HF-format folder")
     ap.add_argument("--task", default="gsm8k", help="task whose training questions are measured")
@@ -234,6 +235,7 @@ def main(argv=None):
                     help=f"response sources ({sources.SOURCES_HELP})")
     ap.add_argument("--n", type=int, default=None, help="first N training questions (default: sources.py's)")
     ap.add_argument("--seed", type=int, default=0, help="split seed (same questions for every source)")
+    sources.add_question_args(ap)
     ap.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                     help="compute dtype; bf16 is faster, see the README for its distance from fp32")
@@ -254,6 +256,8 @@ def main(argv=None):
         sources.default_gen(**sources.generation_overrides(args))
         if args.out:
             sources.check_output_file(args.out, "--out")
+        if args.train_questions is not None:  # unmatched questions: now, not after the model loads
+            tasks.splits(args.task, n_train=args.n, seed=args.seed, **sources.question_overrides(args))
         folder = resolve_model(args.model)
         tok = Tokenizer.from_folder(folder)
         model = Transformer.from_pretrained(folder, args.dtype, args.device or best_device())
@@ -261,7 +265,8 @@ def main(argv=None):
         for name in args.source:
             t0 = time.time()
             records = sources.get_training_set(name, args.model, args.task, n_train=args.n, seed=args.seed,
-                                               dtype=args.gen_dtype, **sources.generation_overrides(args))
+                                               dtype=args.gen_dtype, **sources.question_overrides(args),
+                                               **sources.generation_overrides(args))
             r = dataset_perplexity(model, tok, [(x["prompt"], x["response"]) for x in records],
                                    args.batch_size, progress=True)
             for e in r["per_example"]:

@@ -56,6 +56,7 @@ from pathlib import Path
 
 import tasks
 from eval import answers_match, extract_answer
+from fileio import read_json_rows
 
 CACHE_DIR = Path(os.environ.get("ILB_SOURCES_DIR", Path(__file__).resolve().parent / "cache" / "sources"))
 DEFAULT_N_TRAIN = 32
@@ -173,44 +174,12 @@ def append_records(path: Path, records: list[dict]) -> None:
 # file:<path> sources
 
 
-def normalize_question(text: str) -> str:
-    """Text used to match a file's question to a task question: tasks.normalize_question (case
-    and whitespace do not count) after dropping the paper's instruction suffix."""
-    return tasks.normalize_question(re.split(r"please provide the final answer", text, flags=re.I)[0])
-
-
 def read_file_source(path: str) -> list[dict]:
     """A JSON list, or JSONL, of objects with a question and an answer; errors name the line."""
-    p = Path(path)
     check_file_source(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); expected a JSON list or "
-                         f"JSONL of {{question, answer}}") from None
-    if not text.strip():
-        raise ValueError(f"{path}: the file is empty; expected a JSON list or JSONL of {{question, answer}}")
-    if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-        numbered = [(i + 1, r) for i, r in enumerate(rows)]  # item numbers for a JSON list
-        where = "item"
-    else:
-        numbered = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                numbered.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: invalid JSON line ({e.msg})") from None
-        where = "line"
+    numbered, where = read_json_rows(path, "{question, answer}")
     out = []
     for n, row in numbered:
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}: {where} {n} is not a JSON object")
         q = row.get("question", row.get("input"))
         a = row.get("answer", row.get("response", row.get("output")))
         if not isinstance(q, str) or not isinstance(a, str):
@@ -238,20 +207,23 @@ def source_kind(source: str) -> tuple[str, str | None]:
     return kind, arg or None
 
 
-def check_file_source(path: str) -> None:
+def check_file_source(path: str, what: str = "file source") -> None:
     if Path(path).is_dir():
-        raise ValueError(f"file source {path} is a folder; give the JSON or JSONL file in it")
+        raise ValueError(f"{what} {path} is a folder; give the JSON or JSONL file in it")
     if not Path(path).is_file():
-        raise FileNotFoundError(f"file source {path} does not exist")
+        raise FileNotFoundError(f"{what} {path} does not exist")
 
 
-def file_fingerprint(path: str) -> str:
-    check_file_source(path)
+def file_fingerprint(path: str, what: str = "file source") -> str:
+    check_file_source(path, what)
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def build_inputs(source, model, task, n_train, seed, gen) -> dict:
-    """Everything that determines a training set; its hash names the cache folder."""
+def build_inputs(source, model, task, n_train, seed, gen, train_questions=None, allow_unmatched=False,
+                 split="train", n_val=None) -> dict:
+    """Everything that determines a training set; its hash names the cache folder. The question
+    options (a --train-questions file, the validation split) enter the key only when used, so a
+    set built without them keeps the name it always had."""
     kind, arg = source_kind(source)
     generated = kind not in ("human", "file")
     inputs = {"source": source, "model": model, "task": task, "n_train": n_train, "seed": seed,
@@ -263,14 +235,21 @@ def build_inputs(source, model, task, n_train, seed, gen) -> dict:
         inputs["answer_rule"] = ANSWER_RULE
     if kind == "file":
         inputs["file_sha256"] = file_fingerprint(arg)
+    if train_questions is not None:  # the questions, in the file's order: its content, not its path
+        inputs["train_questions_sha256"] = file_fingerprint(train_questions, "--train-questions")
+        inputs["allow_unmatched"] = bool(allow_unmatched)
+    if split != "train":  # the held-out questions a run's validation loss is measured on
+        inputs["split"], inputs["n_val"] = split, n_val
     return inputs
 
 
-def set_inputs(source, model, task, n_train, seed, dtype, **gen_overrides) -> dict:
+def set_inputs(source, model, task, n_train, seed, dtype, train_questions=None, allow_unmatched=False,
+               split="train", n_val=None, **gen_overrides) -> dict:
     """build_inputs for a command line's settings: n_train None = DEFAULT_N_TRAIN, generation
     settings = default_gen's with the overrides (the dtype changes what is generated)."""
     n_train = DEFAULT_N_TRAIN if n_train is None else n_train
-    return build_inputs(source, model, task, n_train, seed, default_gen(**gen_overrides, dtype=dtype))
+    return build_inputs(source, model, task, n_train, seed, default_gen(**gen_overrides, dtype=dtype),
+                        train_questions, allow_unmatched, split, n_val)
 
 
 def cache_folder(inputs: dict) -> Path:
@@ -313,6 +292,22 @@ def add_generation_args(group, max_new_tokens: bool = True) -> None:
     group.add_argument("--gen-batch-size", type=int, default=None,
                        help="prompts per generation batch (default 16; sources.py --batch-size); bf16 sampling "
                             "depends on the batching, so it is part of the cache key")
+
+
+def add_question_args(group) -> None:
+    """Which training questions: the flags train.py, sources.py, perplexity.py and data.py share."""
+    group.add_argument("--train-questions", default=None, metavar="PATH",
+                       help="train on the questions of this JSON/JSONL file of {question} (e.g. one of the "
+                            "paper's released files), in file order, first --n-train of them; every source "
+                            "then answers exactly these (default: the task's seeded shuffle)")
+    group.add_argument("--allow-unmatched", action="store_true",
+                       help="skip --train-questions questions that are not in the task's training split "
+                            "(default: such a question is an error)")
+
+
+def question_overrides(args) -> dict:
+    """set_inputs / build's question options from the flags of add_question_args."""
+    return {"train_questions": args.train_questions, "allow_unmatched": args.allow_unmatched}
 
 
 def generation_overrides(args) -> dict:
@@ -421,10 +416,10 @@ def build_chunk(kind, arg, examples, model_name, gen, seed, chunk_no, models: Mo
 
 def build_from_file(path: str, examples) -> tuple[list[dict], dict]:
     rows = read_file_source(path)
-    by_text = {normalize_question(r["question"]): r for r in rows}
+    by_text = {tasks.question_key(r["question"]): r for r in rows}
     out, unmatched_tasks = [], 0
     for e in examples:
-        r = by_text.get(normalize_question(e.question))
+        r = by_text.get(tasks.question_key(e.question))
         if r is None:
             unmatched_tasks += 1
             out.append({"id": e.id, "question": e.question, "prompt": e.prompt, "gold": e.gold,
@@ -432,8 +427,8 @@ def build_from_file(path: str, examples) -> tuple[list[dict], dict]:
         else:
             out.append({"id": e.id, "question": e.question, "prompt": e.prompt, "gold": e.gold,
                         "response": r["answer"], "path": "file", "file_line": r["line"]})
-    matched = {normalize_question(e.question) for e in examples}
-    unmatched_lines = [r["line"] for r in rows if normalize_question(r["question"]) not in matched]
+    matched = {tasks.question_key(e.question) for e in examples}
+    unmatched_lines = [r["line"] for r in rows if tasks.question_key(r["question"]) not in matched]
     return out, {"file_rows": len(rows), "questions_without_file_answer": unmatched_tasks,
                  "file_rows_not_in_task": len(unmatched_lines),
                  "file_rows_not_in_task_first": unmatched_lines[:20]}
@@ -448,8 +443,13 @@ def get_training_set(source: str, model: str = "smollm2-135m-instruct", task: st
 
 
 def build(source, model="smollm2-135m-instruct", task="gsm8k", n_train=None, seed=0, dtype="bf16",
-          device=None, progress=True, **gen_overrides) -> tuple[list[dict], dict]:
-    inputs = set_inputs(source, model, task, n_train, seed, dtype, **gen_overrides)
+          device=None, progress=True, train_questions=None, allow_unmatched=False, split="train",
+          n_val=None, **gen_overrides) -> tuple[list[dict], dict]:
+    """Build (or reuse) `source`'s set on the task's training questions (tasks.splits: the seeded
+    shuffle's first n_train, or --train-questions'), or, with split="val", on the n_val
+    validation questions of the same split. Returns (kept records in question order, manifest)."""
+    inputs = set_inputs(source, model, task, n_train, seed, dtype, train_questions, allow_unmatched,
+                        split, n_val, **gen_overrides)
     kind, arg = source_kind(source)
     n_train, gen = inputs["n_train"], inputs["generation"]  # (generation None: human, file)
     folder = cache_folder(inputs)
@@ -460,7 +460,9 @@ def build(source, model="smollm2-135m-instruct", task="gsm8k", n_train=None, see
     from pretrained import check_model_name
     for name in [model] + ([arg] if kind in MODEL_SOURCES else []):
         check_model_name(name)  # before a cache folder is made for a model that does not exist
-    examples = tasks.splits(task, n_train=n_train, seed=seed)["train"]
+    chosen = tasks.splits(task, n_train=n_train, seed=seed, train_questions=train_questions,
+                          allow_unmatched=allow_unmatched, **({"n_val": n_val} if split == "val" else {}))
+    examples = chosen[split]
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     extra = {}
@@ -498,6 +500,9 @@ def build(source, model="smollm2-135m-instruct", task="gsm8k", n_train=None, see
         "build_seconds": round(time.time() - t0, 1), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "inputs_sha256": folder.name.rsplit("-", 1)[-1], **extra,
     }
+    if train_questions is not None:  # what --allow-unmatched skipped, and the file's repeats
+        manifest["train_questions"] = {"path": str(train_questions), "unmatched_skipped": len(chosen["unmatched"]),
+                                       "repeated_skipped": len(chosen["repeated"])}
     write_json_atomic(manifest_path, manifest)
     return kept, manifest
 
@@ -522,9 +527,9 @@ def read_built(folder: Path) -> tuple[list[dict], dict]:
 
 
 def load_cached(source: str, model: str, task: str, n_train: int | None = None, seed: int = 0,
-                dtype: str = "bf16") -> list[dict]:
+                dtype: str = "bf16", train_questions=None, allow_unmatched=False) -> list[dict]:
     """A built set's kept records (default generation settings); fails if it was never built."""
-    folder = cache_folder(set_inputs(source, model, task, n_train, seed, dtype))
+    folder = cache_folder(set_inputs(source, model, task, n_train, seed, dtype, train_questions, allow_unmatched))
     if not (folder / "data.jsonl").exists() or not (folder / "manifest.json").exists():
         raise FileNotFoundError(f"source '{source}' is not built for {model}/{task}; run "
                                 f"python sources.py --source {source} --task {task}")
@@ -543,6 +548,7 @@ def main(argv=None):
     ap.add_argument("--task", default="gsm8k", help="task (see tasks.py)")
     ap.add_argument("--n-train", type=int, default=DEFAULT_N_TRAIN, help="first N questions of the seeded shuffle")
     ap.add_argument("--seed", type=int, default=0, help="split and sampling seed")
+    add_question_args(ap)
     g = ap.add_argument_group("generation")
     add_generation_args(g)
     g.add_argument("--batch-size", type=int, default=None, help="the same as --gen-batch-size")
@@ -552,7 +558,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     try:
         records, manifest = build(args.source, args.model, args.task, args.n_train, args.seed, args.dtype,
-                                  args.device, True, **{**generation_overrides(args),
+                                  args.device, True, **question_overrides(args), **{**generation_overrides(args),
                                                         "batch_size": args.batch_size or args.gen_batch_size})
         from pretrained import resolve_model
         from tokenizer import Tokenizer

@@ -52,6 +52,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fileio import read_json_rows
+
 # ----------------------------------------------------------------------------------------------
 # 1. Examples and prompts
 
@@ -105,6 +107,13 @@ def make_prompt(question: str, kind: str, choices: list[str] | None = None) -> s
 def normalize_question(text: str) -> str:
     """Question text for overlap checks: case and whitespace do not count."""
     return " ".join(text.lower().split())
+
+
+def question_key(text: str) -> str:
+    """Text that matches a question from another file (the paper's released sets, a file: source,
+    --train-questions) to a task question: normalize_question after dropping the paper's
+    instruction suffix, which the paper's files append to every question."""
+    return normalize_question(re.split(r"please provide the final answer", text, flags=re.I)[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,7 +366,63 @@ def load_task(name: str, split: str) -> list[Example]:
 # 4. Splits
 
 
-def splits(task: str, n_train: int | None = None, n_val: int = 100, seed: int = 0) -> dict[str, list[Example]]:
+def training_pool(task: str) -> list[Example]:
+    """The training split without its test questions and repeats (normalised text), file order."""
+    seen = {normalize_question(e.question) for e in load_task(task, "test")}
+    pool = []
+    for e in load_task(task, "train"):
+        key = normalize_question(e.question)
+        if key not in seen:  # not a test question, not a repeat of an earlier training question
+            seen.add(key)
+            pool.append(e)
+    return pool
+
+
+def read_question_file(path) -> list[str]:
+    """The `question` of every object of a JSON list or JSONL file (the paper's released files
+    are such lists), in file order."""
+    try:
+        numbered, where = read_json_rows(path, "{question}")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--train-questions {path} does not exist") from None
+    questions = []
+    for n, row in numbered:
+        if not isinstance(row.get("question"), str) or not row["question"].strip():
+            raise ValueError(f"{path}: {where} {n} has no string 'question' field")
+        questions.append(row["question"])
+    return questions
+
+
+def match_questions(task: str, path, allow_unmatched: bool = False) -> dict:
+    """The task's training examples asked by the questions of file `path`, in file order:
+    {"examples", "unmatched" (question texts with no training example), "repeated" (texts of
+    questions the file asks again; the first is kept)}. Matching is by question_key, so the
+    paper's instruction suffix and case/whitespace do not count.
+
+    A question that is not in the training pool (`training_pool`: a test question, or not in
+    the data set at all) is a ValueError naming how many and the first three, unless
+    allow_unmatched, which skips them (the caller prints the count)."""
+    by_key = {question_key(e.question): e for e in training_pool(task)}
+    examples, unmatched, repeated, taken = [], [], [], set()
+    for q in read_question_file(path):
+        e = by_key.get(question_key(q))
+        if e is None:
+            unmatched.append(q)
+        elif e.id in taken:
+            repeated.append(q)
+        else:
+            taken.add(e.id)
+            examples.append(e)
+    if unmatched and not allow_unmatched:
+        first = "; ".join(repr(" ".join(q.split())[:60]) for q in unmatched[:3])
+        raise ValueError(f"--train-questions {path}: {len(unmatched)} of {len(examples) + len(repeated) + len(unmatched)} "
+                         f"questions are not in {task}'s training split (or are also test questions), first: "
+                         f"{first}; pass --allow-unmatched to skip them")
+    return {"examples": examples, "unmatched": unmatched, "repeated": repeated}
+
+
+def splits(task: str, n_train: int | None = None, n_val: int = 100, seed: int = 0,
+           train_questions=None, allow_unmatched: bool = False) -> dict[str, list[Example]]:
     """{"train", "val", "test"} for a task with a training split; {"test"} for eval-only tasks.
 
     One seeded permutation of the training pool (see the file docstring for what the pool
@@ -368,26 +433,37 @@ def splits(task: str, n_train: int | None = None, n_val: int = 100, seed: int = 
       - train does not move when n_val changes (as long as both fit), nor val when n_train does;
       - the order is random.Random(seed), identical in every process (no hash()).
     Test is the whole test split in file order.
+
+    With `train_questions` (a JSON/JSONL file of {question}, e.g. one of the paper's released
+    files): train = the first n_train of the file's questions, in file order (match_questions);
+    val = the file's NEXT n_val questions (so a file source has its own answers to them), then,
+    if the file runs out, the rest of the pool in the seeded order. Neither ever holds a test
+    question. Two more keys say what was skipped: "unmatched" and "repeated" (question texts).
     """
     if (n_train is not None and n_train < 0) or n_val < 0:
         raise ValueError(f"n_train and n_val must be >= 0 (got {n_train}, {n_val})")
     test = load_task(task, "test")
     if not has_train(task):
-        if n_train:
+        if n_train or train_questions:
             trainable = ", ".join(t for t in TASKS if has_train(t))
             raise ValueError(f"task {task!r} is evaluation-only (no training split); train on one of: {trainable}")
         return {"test": test}
-    seen = {normalize_question(e.question) for e in test}
-    pool = []
-    for e in load_task(task, "train"):
-        key = normalize_question(e.question)
-        if key not in seen:  # not a test question, not a repeat of an earlier training question
-            seen.add(key)
-            pool.append(e)
+    pool = training_pool(task)
     if n_val >= len(pool):
         raise ValueError(f"n_val={n_val} leaves no training examples ({task} has {len(pool)})")
     order = list(range(len(pool)))
     random.Random(seed).shuffle(order)
+    if train_questions is not None:
+        asked = match_questions(task, train_questions, allow_unmatched)
+        listed = asked["examples"]
+        if n_train is not None and n_train > len(listed):
+            raise ValueError(f"--n-train {n_train} but --train-questions {train_questions} has only {len(listed)} "
+                             f"{task} training questions")
+        train = listed if n_train is None else listed[:n_train]
+        in_file = {e.id for e in listed}
+        val = (listed[len(train):] + [pool[i] for i in order if pool[i].id not in in_file])[:n_val]
+        return {"train": train, "val": val, "test": test,
+                "unmatched": asked["unmatched"], "repeated": asked["repeated"]}
     val = [pool[i] for i in order[:n_val]]
     rest = [pool[i] for i in reversed(order[n_val:])]
     if n_train is not None and n_train > len(rest):

@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 
 import sources
+import stats
 from data import Batch, collate, length_buckets, render
 
 PRESETS = {
@@ -194,11 +195,12 @@ class Context:
     world: int
     device: str
     base: dict | None = None  # the untuned model's test results (rank 0)
+    base_dir: str | None = None  # where its per-example answers are (for paired comparisons)
 
 
 def run_source(source: str, args, ctx: Context) -> dict:
     from eval import evaluate_task
-    from lora import LoRAConfig, count_parameters, inject_lora, load_adapter
+    from lora import LoRAConfig, count_parameters, inject_lora, load_adapter, update_ratios
     from model import Transformer
     from perplexity import dataset_perplexity
     from sources import append_records, write_json_atomic
@@ -214,12 +216,18 @@ def run_source(source: str, args, ctx: Context) -> dict:
     # 1. the training set: rank 0 builds it (or finds it cached), then the other ranks read the cache
     if rank != 0:
         dist.barrier()
-    records, manifest = sources.build(source, args.model, args.task, args.n_train, args.seed,
-                                      dtype=args.gen_dtype, device=args.device, progress=rank == 0,
-                                      **sources.generation_overrides(args))
+    def build(name, **split):
+        return sources.build(name, args.model, args.task, args.n_train, args.seed, dtype=args.gen_dtype,
+                             device=args.device, progress=rank == 0, **split, **sources.question_overrides(args),
+                             **sources.generation_overrides(args))
+    records, manifest = build(source)
+    # the same source's answers to the validation questions: the validation loss is measured on
+    # what this source would have taught there (a file: source answers them from its file)
+    val_records, val_manifest = build(source, split="val", n_val=args.n_val)
     if rank == 0 and world > 1:
         dist.barrier()
-    log(f"[{source}] training set: {manifest['kept']} examples, by path {manifest['counts_by_path']}")
+    log(f"[{source}] training set: {manifest['kept']} examples, by path {manifest['counts_by_path']}; "
+        f"validation answers: {val_manifest['kept']} of {val_manifest['questions']}")
 
     model = Transformer.from_pretrained(ctx.model_folder, args.dtype, ctx.device)
     model.gradient_checkpointing = args.grad_checkpoint
@@ -231,12 +239,23 @@ def run_source(source: str, args, ctx: Context) -> dict:
         records, pairs, rendered = [records[i] for i in keep], [pairs[i] for i in keep], [rendered[i] for i in keep]
     if not rendered:
         raise ValueError(f"source {source} produced no training examples")
+    val_rendered = [x for x in (render(tok, r["prompt"], r["response"]) for r in val_records)
+                    if len(x.ids) <= args.max_seq_len]
 
-    # 2. familiarity: perplexity of the untuned model on exactly the responses it is trained on
+    # 2. familiarity: perplexity of the untuned model on exactly the responses it is trained on,
+    # and, for any other source, on the human answers to the same questions (the paired reference)
     ppl = dataset_perplexity(model, tok, pairs, batch_size=args.eval_batch_size, progress=True) if rank == 0 else None
+    human_ppl = None
     if ppl:
+        for e in ppl["per_example"]:  # which question each value belongs to
+            e["id"] = records[e["index"]]["id"]
         log(f"[{source}] untuned perplexity: mean {ppl['mean_ppl']:.3f}, pooled {ppl['pooled_ppl']:.3f} "
             f"over {ppl['tokens']} tokens")
+        if source != "human":
+            human_ppl = human_reference_perplexity(model, tok, records, ppl, args)
+            log(f"[{source}] the human answers to the same {human_ppl['n']} questions: mean "
+                f"{human_ppl['mean_ppl']:.3f} (paired difference {source} - human "
+                f"{human_ppl['difference']:+.3f} [{human_ppl['ci_low']:+.3f}, {human_ppl['ci_high']:+.3f}])")
 
     # 3. LoRA fine-tuning
     targets = lora_target_list(args.lora_targets)
@@ -259,10 +278,13 @@ def run_source(source: str, args, ctx: Context) -> dict:
     total_steps = steps_per_epoch * args.epochs
     warmup = max(1, round(args.warmup_ratio * total_steps))
 
-    val = tasks.splits(args.task, n_train=args.n_train, n_val=args.n_val, seed=args.seed)["val"]
+    val = tasks.splits(args.task, n_train=args.n_train, n_val=args.n_val, seed=args.seed,
+                       **sources.question_overrides(args))["val"]
     ckpt_dir, adapter_dir = run_dir / "checkpoint", run_dir / "adapter"
     metrics_path = run_dir / "metrics.jsonl"
-    state = {"epoch": 0, "step": 0, "best": None, "best_epoch": None}
+    # best: the kept epoch's validation accuracy; val_before / best_val: validation_loss() of the
+    # untuned model and of the kept epoch
+    state = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "best_val": None, "val_before": None}
     if resuming:
         load_adapter(model, ckpt_dir / "adapter")  # LoRA layers already injected: checked, then loaded
         try:
@@ -274,7 +296,7 @@ def run_source(source: str, args, ctx: Context) -> dict:
         if scaler and saved["scaler"]:
             scaler.load_state_dict(saved["scaler"])
         torch.set_rng_state(saved["rng_torch"])
-        state = {k: saved[k] for k in state}
+        state = {k: saved.get(k) for k in state}  # (a checkpoint of an older version has no val loss)
         log(f"[{source}] resuming after epoch {state['epoch']} (step {state['step']})")
     elif rank == 0:
         replaced = replaced_folder(run_dir)
@@ -289,11 +311,14 @@ def run_source(source: str, args, ctx: Context) -> dict:
             "torch": torch.__version__, "device": ctx.device, "manifest": manifest,
             "trainable_parameters": trainable, "total_parameters": total})
         if ppl:
-            for e in ppl["per_example"]:  # which question each value belongs to
-                e["id"] = records[e["index"]]["id"]
-            write_json_atomic(run_dir / "perplexity.json", {"source": source, **ppl})
+            write_json_atomic(run_dir / "perplexity.json", {"source": source, **ppl,
+                                                            **({"human": human_ppl} if human_ppl else {})})
     if world > 1:
         dist.barrier()
+    if rank == 0 and state["epoch"] == 0:  # the untuned model (LoRA's B is still zero)
+        state["val_before"] = validation_loss(model, val_rendered, args, autocast_dtype)
+        append_records(metrics_path, [{"epoch": 0, "step": 0,
+                                       "val_loss": state["val_before"] and state["val_before"]["loss"]}])
 
     from tqdm import tqdm
     for epoch in range(state["epoch"], args.epochs):
@@ -318,20 +343,24 @@ def run_source(source: str, args, ctx: Context) -> dict:
             if rank == 0:
                 append_records(metrics_path, [{"epoch": epoch + 1, "step": state["step"], "loss": loss,
                                               "tokens": n_tok, "lr": lr, "grad_norm": gnorm}])
-        # validation: greedy accuracy on held-out training-split questions
+        # validation on held-out training-split questions: greedy accuracy, and the loss on this
+        # source's own answers to them
         model.eval()
         if rank == 0:
             v = evaluate_task(model, tok, args.task, examples=val, batch_size=args.eval_batch_size,
                               max_new_tokens=args.max_new_tokens, progress=True)
-            improved = state["best"] is None or v["accuracy"] > state["best"]
+            vl = validation_loss(model, val_rendered, args, autocast_dtype)
+            improved = better_epoch(v["accuracy"], vl, state["best"], state["best_val"])
             row = {"epoch": epoch + 1, "step": state["step"], "train_loss": epoch_loss / max(1, epoch_tokens),
-                   "val_accuracy": v["accuracy"], "val_n": v["n"], "epoch_seconds": round(time.time() - t0, 1)}
+                   "val_accuracy": v["accuracy"], "val_n": v["n"], "val_loss": vl and vl["loss"],
+                   "epoch_seconds": round(time.time() - t0, 1)}
             append_records(metrics_path, [row])
-            log(f"[{source}] epoch {epoch + 1}: train loss {row['train_loss']:.4f}, "
-                f"val accuracy {v['accuracy']:.3f} ({v['n']} questions){' *best*' if improved else ''}")
+            log(f"[{source}] epoch {epoch + 1}: train loss {row['train_loss']:.4f}, val accuracy {v['accuracy']:.3f} "
+                f"({v['n']} questions), val loss {vl['loss'] if vl else float('nan'):.4f}{' *best*' if improved else ''}")
             if improved:
                 from lora import save_adapter
                 state["best"], state["best_epoch"] = v["accuracy"], epoch + 1
+                state["best_val"] = vl
                 save_adapter(model, adapter_dir, lora_cfg, args.model)
             state["epoch"] = epoch + 1
             save_checkpoint(ckpt_dir, model, optimizer, scaler, state, lora_cfg, args.model)
@@ -345,17 +374,86 @@ def run_source(source: str, args, ctx: Context) -> dict:
         return {}
     best = Transformer.from_pretrained(ctx.model_folder, args.dtype, ctx.device)
     load_adapter(best, adapter_dir)
+    ratios = list(update_ratios(best).values())
     results = {"source": source, "model": args.model, "task": args.task, "run_dir": str(run_dir),
                "train_examples": len(rendered),
                "best_epoch": state["best_epoch"], "val_accuracy": state["best"],
+               "validation_loss": validation_report(state["val_before"], state["best_val"]),
+               "lora_update": {"mean_ratio": sum(ratios) / len(ratios), "max_ratio": max(ratios), "layers": len(ratios)},
                "perplexity": {k: ppl[k] for k in ("n", "tokens", "mean_ppl", "pooled_ppl", "median_ppl")}}
+    if human_ppl:
+        results["perplexity_human"] = {k: v for k, v in human_ppl.items() if k != "per_example"}
     results["test"] = score_tasks(best, args, ctx, eval_task_list(args), run_dir, source)
-    results["base"] = ctx.base
+    results["base"], results["base_dir"] = ctx.base, ctx.base_dir
     results["change_from_base"] = {t: results["test"][t]["accuracy"] - ctx.base[t]["accuracy"]
                                    for t in results["test"] if t in ctx.base}
     write_json_atomic(run_dir / "results.json", results)
     shutil.rmtree(replaced_folder(run_dir), ignore_errors=True)
     return results
+
+
+def validation_loss(model, rendered, args, autocast_dtype) -> dict | None:
+    """The loss on the source's own answers to the validation questions, as the training loss is
+    computed (sum NLL / sum supervised tokens), with each example's per-token NLL for a paired
+    comparison; None when the source answered none of them (a file without those questions)."""
+    from perplexity import example_nlls
+    if not rendered:
+        return None
+    was_training = model.training
+    model.eval()
+    with torch.autocast(model.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        nlls = example_nlls(model, rendered, args.pad_id, args.eval_batch_size)
+    model.train(was_training)
+    return {"loss": sum(e.nll for e in nlls) / sum(e.tokens for e in nlls), "n": len(nlls),
+            "per_example": [e.nll / e.tokens for e in nlls]}
+
+
+def better_epoch(accuracy: float, val: dict | None, best_accuracy: float | None, best_val: dict | None) -> bool:
+    """Is this epoch better than the kept one? Higher validation accuracy (the paper's rule); on a
+    tie, the lower validation loss; on a tie of both, the earlier epoch is kept. (A model that
+    solves no validation question ties at 0 every epoch: accuracy alone would always keep epoch 1.)"""
+    if best_accuracy is None:
+        return True
+    if accuracy != best_accuracy:
+        return accuracy > best_accuracy
+    return val is not None and best_val is not None and val["loss"] < best_val["loss"]
+
+
+# A tuned model counts as trained when its validation loss fell by at least this share AND the
+# paired 95% interval of the per-example change lies below zero; otherwise the summary flags it.
+LEARNED_MIN_DROP = 0.01
+
+
+def validation_report(before: dict | None, after: dict | None) -> dict:
+    """The validation loss before training and at the kept epoch, the paired change, and whether
+    the run really trained (`learned`); `learned` is None without validation answers."""
+    if not before or not after:
+        return {"learned": None, "why": "this source answered none of the validation questions"}
+    change, lo, hi = stats.paired_difference(after["per_example"], before["per_example"])
+    relative = after["loss"] / before["loss"] - 1
+    return {"before": before["loss"], "after": after["loss"], "relative_change": relative, "n": after["n"],
+            "per_example_change": change, "ci_low": lo, "ci_high": hi,
+            "learned": bool(hi < 0 and relative <= -LEARNED_MIN_DROP)}
+
+
+def human_reference_perplexity(model, tok, records, ppl, args) -> dict:
+    """The untuned model's perplexity on the HUMAN answers to the questions `records` answers
+    (those measured in `ppl`), and the paired difference source - human of the per-example
+    perplexities with its bootstrap interval: the paper's familiarity gap, question by question."""
+    from perplexity import dataset_perplexity
+    human, _ = sources.build("human", args.model, args.task, args.n_train, args.seed, progress=False,
+                             **sources.question_overrides(args))
+    by_id = {r["id"]: r for r in human}
+    measured = ppl["per_example"]
+    pairs = [(by_id[e["id"]]["prompt"], by_id[e["id"]]["response"]) for e in measured]
+    h = dataset_perplexity(model, tok, pairs, batch_size=args.eval_batch_size)
+    mine = {e["index"]: e["ppl"] for e in h["per_example"]}  # index into `measured`
+    src = [measured[i]["ppl"] for i in sorted(mine)]
+    ref = [mine[i] for i in sorted(mine)]
+    diff, lo, hi = stats.paired_difference(src, ref)
+    return {"n": h["n"], "mean_ppl": h["mean_ppl"], "pooled_ppl": h["pooled_ppl"], "median_ppl": h["median_ppl"],
+            "difference": diff, "ci_low": lo, "ci_high": hi, "source_lower": sum(a < b for a, b in zip(src, ref)),
+            "per_example": [{"id": measured[i]["id"], "ppl": mine[i]} for i in sorted(mine)]}
 
 
 # What a resumed run must share with the run it continues (saved in its config.json), besides its
@@ -396,7 +494,7 @@ def training_set_hash(source: str, args) -> str:
     """The hash that names `source`'s cached training set for these settings (sources.cache_folder),
     computed without building it."""
     inputs = sources.set_inputs(source, args.model, args.task, args.n_train, args.seed, args.gen_dtype,
-                                **sources.generation_overrides(args))
+                                **sources.question_overrides(args), **sources.generation_overrides(args))
     return sources.cache_folder(inputs).name.rsplit("-", 1)[-1]
 
 
@@ -458,9 +556,9 @@ def score_tasks(model, args, ctx: Context, task_names: list[str], folder: Path, 
     return scores
 
 
-def evaluate_base(args, ctx: Context) -> dict:
+def evaluate_base(args, ctx: Context) -> tuple[dict, str]:
     """The untuned model on the same test questions, once per setting (cached in the runs
-    folder): the reference for forgetting."""
+    folder): the reference for forgetting. Returns (scores by task, the folder of its answers)."""
     from model import Transformer
     from sources import write_json_atomic
 
@@ -484,7 +582,7 @@ def evaluate_base(args, ctx: Context) -> dict:
         model = Transformer.from_pretrained(ctx.model_folder, args.dtype, ctx.device)
         done.update(score_tasks(model, args, ctx, missing, folder, "base"))
         write_json_atomic(path, {"model": args.model, "model_folder": where, "test": done})
-    return done
+    return done, str(folder)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -507,6 +605,7 @@ def build_parser():
     g.add_argument("--n-val", type=int, default=16, help="validation questions, carved from the training split")
     g.add_argument("--n-test", type=int, default=32, help="test questions per task (default small for CPU)")
     g.add_argument("--max-new-tokens", type=int, default=200, help="longest generated answer (sources and evaluation)")
+    sources.add_question_args(g)
     sources.add_generation_args(ap.add_argument_group("building sources (as sources.py; part of each set's cache key)"),
                                 max_new_tokens=False)
     l = ap.add_argument_group("LoRA")
@@ -583,8 +682,14 @@ def check_args(args) -> None:
     unknown = [t for t in args.eval_tasks if t not in tasks.TASKS]
     if unknown:
         raise ValueError(f"--eval-tasks: unknown {', '.join(unknown)} (use {', '.join(tasks.TASKS)})")
-    if args.task in tasks.TASKS and tasks.has_train(args.task):
-        tasks.splits(args.task, n_train=args.n_train, n_val=args.n_val, seed=args.seed)  # sizes that fit
+    if args.train_questions is not None:
+        sources.check_file_source(args.train_questions, "--train-questions")
+    if args.task in tasks.TASKS and tasks.has_train(args.task):  # sizes that fit, questions that match
+        chosen = tasks.splits(args.task, n_train=args.n_train, n_val=args.n_val, seed=args.seed,
+                              **sources.question_overrides(args))
+        if chosen.get("unmatched") or chosen.get("repeated"):
+            print(f"--train-questions {args.train_questions}: skipped {len(chosen['unmatched'])} questions not in "
+                  f"{args.task}'s training split and {len(chosen['repeated'])} repeats", flush=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -636,7 +741,7 @@ def main(argv=None):
         args.pad_id = tok.pad_id
         ctx = Context(folder, tok, rank, world, device)
         if rank == 0:
-            ctx.base = evaluate_base(args, ctx)
+            ctx.base, ctx.base_dir = evaluate_base(args, ctx)
         all_results = [run_source(source, args, ctx) for source in args.source]
         if world > 1 and dist.get_backend() == "gloo":
             # Leave together. Rank 0 tests each source alone after the last epoch; a gloo rank
@@ -656,14 +761,46 @@ def print_summary(results: list[dict]):
     print("\n=== summary ===")
     tasks_ = list(dict.fromkeys(t for r in results for t in r["test"]))  # in-domain first
     w = max([24] + [len(r["source"]) for r in results])  # teacher:<model> names run long
-    print(f"{'source':<{w}} {'train ppl':>9} {'best ep':>7} " + " ".join(f"{t:>16}" for t in tasks_))
+    print(f"{'source':<{w}} {'train ppl':>9} {'val loss before>after':>21} {'|dW|/|W|':>8} {'best ep':>7} "
+          + " ".join(f"{t:>16}" for t in tasks_))
     for r in results:
         cells = [f"{r['test'][t]['accuracy']:.3f}±{(r['test'][t]['ci_high'] - r['test'][t]['ci_low']) / 2:.3f}"
                  if t in r["test"] else "-" for t in tasks_]
-        print(f"{r['source']:<{w}} {r['perplexity']['mean_ppl']:>9.3f} {str(r['best_epoch']):>7} "
-              + " ".join(f"{c:>16}" for c in cells))
+        v = r["validation_loss"]
+        val = f"{v['before']:.3f}>{v['after']:.3f} {100 * v['relative_change']:+.0f}%" if "before" in v else "n/a"
+        flag = "" if v["learned"] else "  [!]"
+        print(f"{r['source']:<{w}} {r['perplexity']['mean_ppl']:>9.3f} {val:>21} {r['lora_update']['mean_ratio']:>8.1e} "
+              f"{str(r['best_epoch']):>7} " + " ".join(f"{c:>16}" for c in cells) + flag)
+    for r in results:
+        v = r["validation_loss"]
+        if v["learned"] is None:
+            print(f"[!] {r['source']}: {v['why']}; whether training moved the model is unknown")
+        elif not v["learned"]:
+            print(f"[!] {r['source']}: the validation loss did not fall clearly ({v['before']:.3f} -> {v['after']:.3f}, "
+                  f"per-example change {v['per_example_change']:+.3f} [{v['ci_low']:+.3f}, {v['ci_high']:+.3f}]): "
+                  f"the tuned model is still close to the untuned one, so its scores are not a result; "
+                  f"train longer or with a higher --lr")
+    for r in results:
+        if "perplexity_human" in r:
+            print(familiarity_line(r))
     for r in results:
         print(f"run folder: {r['run_dir']}")
+
+
+def familiarity_line(r: dict) -> str:
+    """One sentence on the paired perplexity gap between a source and the human answers."""
+    h = r["perplexity_human"]
+    gap = (f"{r['source']} {r['perplexity']['mean_ppl']:.3f} vs human {h['mean_ppl']:.3f} on the same {h['n']} "
+           f"questions, paired difference {h['difference']:+.3f} [{h['ci_low']:+.3f}, {h['ci_high']:+.3f}], "
+           f"{r['source']} lower on {h['source_lower']} of {h['n']}")
+    if h["ci_high"] < 0:
+        meaning = (f"the untuned model finds {r['source']}'s answers more familiar than the human ones, which the "
+                   f"paper says makes them easier to learn from")
+    elif h["ci_low"] > 0:
+        meaning = f"the untuned model finds {r['source']}'s answers LESS familiar than the human ones"
+    else:
+        meaning = "no clear familiarity gap at this many questions"
+    return f"familiarity: {gap}: {meaning}."
 
 
 if __name__ == "__main__":

@@ -120,24 +120,60 @@ def test_spearman(x, y, rho):
     assert ev.spearman(x, y) == pytest.approx(rho, abs=1e-6)
 
 
-def fake_run(folder, source, ppl, gsm, csqa):
-    folder.mkdir(parents=True)
-    t = lambda a: {"accuracy": a, "ci_low": a / 2, "ci_high": min(1, a * 1.5), "n": 32}  # noqa: E731
+def write_answers(folder, task, rows):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"eval-{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def gsm_rows(verdicts):
+    return [{"id": f"q{i}", "correct": c} for i, c in enumerate(verdicts)]
+
+
+def csqa_rows(logprobs):  # gold A for c0, B for c1
+    return [{"id": f"c{i}", "gold": "AB"[i], "logprobs": lp, "correct": lp.index(max(lp)) == i}
+            for i, lp in enumerate(logprobs)]
+
+
+def fake_run(folder, source, ppls, gsm, csqa, base_dir):
+    write_answers(folder, "gsm8k", gsm_rows(gsm))
+    write_answers(folder, "csqa", csqa_rows(csqa))
+    t = lambda rows: {"accuracy": sum(r["correct"] for r in rows) / len(rows), "ci_low": 0.0, "ci_high": 1.0,  # noqa: E731
+                      "n": len(rows)}
+    (folder / "perplexity.json").write_text(json.dumps({"per_example": [{"ppl": p} for p in ppls]}))
     (folder / "results.json").write_text(json.dumps({
-        "source": source, "model": "m", "task": "gsm8k",
-        "perplexity": {"mean_ppl": ppl, "pooled_ppl": ppl * 0.9},
-        "test": {"gsm8k": t(gsm), "csqa": t(csqa)}, "base": {"gsm8k": t(0.1), "csqa": t(0.3)}}))
+        "source": source, "model": "m", "task": "gsm8k", "run_dir": str(folder), "train_examples": 2,
+        "perplexity": {"mean_ppl": sum(ppls) / len(ppls), "pooled_ppl": 1.0},
+        "validation_loss": {"before": 2.0, "after": 1.5, "relative_change": -0.25, "learned": source != "human"},
+        "test": {"gsm8k": t(gsm_rows(gsm)), "csqa": t(csqa_rows(csqa))}, "base_dir": str(base_dir)}))
     return str(folder)
 
 
-def test_report_table_and_plot(tmp_path):
-    runs = [fake_run(tmp_path / "a", "human", 4.0, 0.10, 0.20), fake_run(tmp_path / "b", "self", 2.0, 0.30, 0.28),
-            fake_run(tmp_path / "c", "rewrite", 3.0, 0.20, 0.31)]
-    report = ev.write_report(runs).read_text()
-    assert "| self | 2.000 | 1.800 | 0.300 [0.150, 0.450] | 0.280 [0.140, 0.420] | -0.020 |" in report
-    assert "| human | 4.000 | 3.600 | 0.100 [0.050, 0.150] | 0.200 [0.100, 0.300] | -0.100 |" in report
-    assert "Spearman correlation" in report and "-1.000" in report
+def test_report_pairs_every_comparison_per_question(tmp_path):
+    """The paired numbers, computed by hand from the per-question answers:
+    untuned gsm8k F F T F; human T F T F; self T T T T.
+    self - untuned = 3/4 (3 discordant, all for self: McNemar p = 2 * 1/8 = 0.25);
+    self - human = 2/4 (p = 2 * 1/4 = 0.5); human - untuned = 1/4 (p = 1).
+    csqa gold log-likelihoods: untuned -1, -1; self -1.5, -2: change -0.75."""
+    base = tmp_path / "base"
+    write_answers(base, "gsm8k", gsm_rows([False, False, True, False]))
+    write_answers(base, "csqa", csqa_rows([[-1.0, -2.0], [-3.0, -1.0]]))
+    runs = [fake_run(tmp_path / "h", "human", [4.0, 4.0], [True, False, True, False], [[-1.0, -2.0], [-3.0, -1.0]], base),
+            fake_run(tmp_path / "s", "self", [2.0, 2.0], [True] * 4, [[-1.5, -2.0], [-3.0, -2.0]], base)]
+    report = ev.write_report(runs, str(tmp_path / "out")).read_text()
+    cmp_ = json.loads((tmp_path / "out" / "report.json").read_text())
+    human, self_ = cmp_["sources"]
+    g = self_["tasks"]["gsm8k"]
+    assert g["vs_untuned"]["difference"] == pytest.approx(0.75) and g["vs_untuned"]["p"] == pytest.approx(0.25)
+    assert (g["vs_untuned"]["a_only"], g["vs_untuned"]["b_only"]) == (3, 0)
+    assert g["vs_human"]["difference"] == pytest.approx(0.5) and g["vs_human"]["p"] == pytest.approx(0.5)
+    assert human["tasks"]["gsm8k"]["vs_untuned"]["difference"] == pytest.approx(0.25)
+    assert human["tasks"]["gsm8k"]["vs_untuned"]["p"] == pytest.approx(1.0) and "vs_human" not in human["tasks"]["gsm8k"]
+    assert self_["tasks"]["csqa"]["gold_loglik_vs_untuned"]["difference"] == pytest.approx(-0.75)
+    assert self_["ppl_ci"] == [2.0, 2.0] and cmp_["untuned"]["gsm8k"] == {"accuracy": 0.25, "n": 4}
+    assert cmp_["correlation"]["n"] == 2 and cmp_["correlation"]["r"] == pytest.approx(-1.0)
+    assert "| self | 2.000 [2.000, 2.000] | 2.000 -> 1.500 (-25.0%) | 1.000 [0.000, 1.000] | +50.0 [" in report
+    assert "over fewer than five sources" in report and "[!] Not a result: human" in report
     if "no plot" not in report:
-        assert (tmp_path / "perplexity_vs_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+        assert (tmp_path / "out" / "perplexity_vs_accuracy.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SystemExit, match="not found"):
         ev.main(["report", str(tmp_path / "missing")])

@@ -306,8 +306,9 @@ def test_train_and_perplexity_find_the_set_sources_built(monkeypatch, tiny_model
     monkeypatch.setattr(sources, "get_training_set", capture)
     with pytest.raises(SystemExit, match="stop here"):
         perplexity.main(["--model", str(tiny_model_dir), "--source", "self", "--max-new-tokens", "64",
-                         "--gen-dtype", "fp32"] + flags)
-    assert seen == {"n_train": None, "seed": 0, "dtype": "fp32", **want, "max_new_tokens": 64}
+                         "--gen-dtype", "fp32", "--allow-unmatched"] + flags)
+    assert seen == {"n_train": None, "seed": 0, "dtype": "fp32", **want, "max_new_tokens": 64,
+                    "train_questions": None, "allow_unmatched": True}
 
 
 @pytest.mark.parametrize("flag,value,needle", [("--k", "0", "--k must be at least 1"),
@@ -352,3 +353,37 @@ def test_an_unknown_model_leaves_no_cache_folder(source, model, tmp_path):
     with pytest.raises(FileNotFoundError, match="unknown model 'nosuch'"):
         sources.build(source, model, n_train=2, progress=False)
     assert not (tmp_path / "sources").exists()
+
+
+# --train-questions: every source answers the questions of one file
+
+def test_existing_sets_keep_their_cache_names():
+    """Sets built without --train-questions keep the folders earlier versions gave them (names
+    computed by the version before the option existed)."""
+    names = {s: sources.cache_folder(sources.set_inputs(s, "smollm2-135m-instruct", "gsm8k", 32, 0, "bf16")).name
+             for s in ("human", "self")}
+    assert names == {"human": "human-fb932e0fcaf2a7e7", "self": "self-6a784d57f687d0ad"}
+
+
+def test_train_questions_pair_every_source(tmp_path):
+    import tasks
+    pool = tasks.training_pool("gsm8k")
+    picked = [pool[i] for i in (900, 3, 77, 41)]
+    suffix = "\n\nPlease provide the final answer (a number) at the end, after 'Final Answer:'\n"
+    rows = [{"question": e.question + suffix, "input": "", "answer": f"Mine. Final Answer: {e.gold}"} for e in picked]
+    qfile, other = tmp_path / "q.json", tmp_path / "same-questions-other-order.json"
+    qfile.write_text(json.dumps(rows))
+    other.write_text(json.dumps(rows[::-1]))
+    opts = dict(n_train=3, progress=False, train_questions=qfile)
+    human, hm = sources.build("human", **opts)
+    mine, fm = sources.build(f"file:{qfile}", **opts)
+    assert [r["id"] for r in human] == [r["id"] for r in mine] == [e.id for e in picked[:3]]
+    assert all(r["response"].startswith("Mine.") for r in mine)
+    assert hm["train_questions"] == {"path": str(qfile), "unmatched_skipped": 0, "repeated_skipped": 0}
+    # the file's CONTENT is in the key: the same questions in another order are another set
+    again, m2 = sources.build("human", n_train=3, progress=False, train_questions=other)
+    assert [r["id"] for r in again] == [e.id for e in picked[::-1][:3]] and m2["inputs_sha256"] != hm["inputs_sha256"]
+    # validation: the file's next question, answered by the file too
+    val, vm = sources.build(f"file:{qfile}", split="val", n_val=1, **opts)
+    assert [r["id"] for r in val] == [picked[3].id] and val[0]["response"].startswith("Mine.")
+    assert vm["inputs_sha256"] not in (fm["inputs_sha256"], hm["inputs_sha256"])

