@@ -227,6 +227,7 @@ def format_table(results: list[dict]) -> str:
 
 def main(argv=None):
     import sources
+    import tasks
     ap = argparse.ArgumentParser(description="Perplexity of the untuned model on each source's responses.")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="short name or HF-format folder")
     ap.add_argument("--task", default="gsm8k", help="task whose training questions are measured")
@@ -251,6 +252,7 @@ def main(argv=None):
 
     try:  # bad values and an unusable --out fail now, not after the measurement
         sources.check_at_least_one(n=args.n, batch_size=args.batch_size)
+        tasks.check_seed(args.seed)
         sources.default_gen(**sources.generation_overrides(args))
         if args.out:
             sources.check_output_file(args.out, "--out")

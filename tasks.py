@@ -357,6 +357,13 @@ def load_task(name: str, split: str) -> list[Example]:
 # 4. Splits
 
 
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    """ValueError naming the flag for a seed outside [0, 2**30): later stages derive their seeds
+    from it, times ~1e10, and a negative seed would be a second name for another set."""
+    if not 0 <= seed < 2 ** 30:
+        raise ValueError(f"{flag} must be between 0 and 2**30 - 1; got {seed}")
+
+
 def splits(task: str, n_train: int | None = None, n_val: int = 100, seed: int = 0) -> dict[str, list[Example]]:
     """{"train", "val", "test"} for a task with a training split; {"test"} for eval-only tasks.
 
@@ -415,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     try:
+        if args.n < 1:
+            raise ValueError(f"--n must be at least 1; got {args.n}")
+        check_seed(args.seed)
         if args.counts:
             for name in TASKS:
                 s = splits(name, n_val=args.n_val, seed=args.seed)
