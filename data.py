@@ -190,8 +190,11 @@ def main(argv=None):
     from pretrained import resolve_model
 
     try:
-        tok = Tokenizer.from_folder(resolve_model(args.model))
+        import sources
         import tasks
+        sources.check_at_least_one(n=args.n, n_train=args.n_train)
+        tasks.check_seed(args.seed)
+        tok = Tokenizer.from_folder(resolve_model(args.model))
         if args.task in tasks.TASKS and not tasks.has_train(args.task):
             raise ValueError(f"--task {args.task} has no training split (it is evaluation-only); "
                              f"show one of {', '.join(t for t in tasks.TASKS if tasks.has_train(t))}")

@@ -22,11 +22,15 @@ Deviations from the paper's released code, all deliberate:
 - MATH answers that are not numbers are compared as strings after `normalize_math`, a light,
   hand-written version of the standard MATH `strip_string` (Hendrycks et al.); numbers (also
   `\\frac{1}{2}` against `0.5`) are compared as the paper does, rounded to 2 decimals.
-- HumanEval runs in a separate `python` process with resource limits (address space, CPU,
-  file size), its own process group (killed whole on timeout), a minimal environment, stdin
-  closed, a temporary working folder, and no network where `unshare` can make a user+network
-  namespace. The official harness `exec`s in a forked process instead. Neither is a security
-  sandbox: this stops accidents (infinite loops, 4 GB lists, stray `rm`), not an adversary.
+- HumanEval runs in a separate `python` process, in its own session and process group (killed
+  whole on timeout), with a minimal environment, stdin closed, an empty temporary working folder,
+  and no network where `unshare` can make a user+network namespace. Inside, it limits itself in
+  layers (see _RUNNER): rlimits (memory, CPU, file size, processes), Landlock (files outside
+  Python's folders unreadable, outside its folder unwritable), seccomp (no fork or exec), an
+  audit hook and the official harness's reliability_guard (also on `posix`). The official harness
+  `exec`s in a forked process with the guard alone. Still not a security boundary against a
+  determined adversary: the kernel layers depend on the machine, and without them the Python
+  layers can be beaten (docs/what-can-go-wrong.md).
   We start it with `-s -P` and PYTHONHASHSEED=0 rather than `-I`, because `-I` also ignores
   PYTHONHASHSEED and set iteration order must be the same on every run (`-I` is `-E -s -P`;
   the environment is ours and minimal anyway, so dropping `-E` loses nothing).
@@ -439,27 +443,109 @@ def network_isolation_available() -> bool:
         return False
 
 
-# The runner is what the child process executes: it limits itself (resource limits set in the
-# child, not with preexec_fn, which is unsafe in a parent that runs torch threads), disables the
-# most destructive os functions (as the official harness's reliability_guard does), runs the
-# program, and reports the verdict through its exit code. The success token is printed only if
-# check() returned, so a completion that calls sys.exit(0) early does not pass.
-_RUNNER = r'''
+# The runner is what the child process executes. Before it runs the program it limits itself,
+# layer by layer, each where the machine allows (resource limits are set in the child, not with
+# preexec_fn, which is unsafe in a parent that runs torch threads):
+# 1. rlimits: memory, CPU, file size, no core, no new processes (RLIMIT_NPROC; root is exempt).
+# 2. Landlock (Linux >= 5.13, unprivileged): files may be read only under Python's own folders and
+#    the system libraries, and written only in the empty working folder; no TCP; no signal to a
+#    process outside the sandbox. The user's home (a shell profile, keys) is out of reach.
+# 3. seccomp: no fork, exec or ptrace at all (new threads still work), so nothing can start a
+#    child that leaves the process group (`setsid`) and outlives the timeout. Also for root.
+# 4. A Python audit hook (PEP 578, cannot be removed): no process, exec, signal or ctypes call,
+#    and no open or file change outside those folders; it covers `import posix`, which the
+#    os-level guard below misses, and machines without Landlock or seccomp.
+# 5. The official harness's reliability_guard: the destructive functions of os AND posix set to None.
+# Its first stderr line names the layers in force. The success token is printed only if check()
+# returned, so a completion that calls sys.exit(0) early does not pass.
+_RUNNER = r"""
 import os, resource, sys
 mem, cpu, fsize, token = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-src = open("program.py", encoding="utf-8").read()
-import builtins, shutil, subprocess
-for name in ("kill", "killpg", "system", "fork", "forkpty", "putenv", "remove", "removedirs",
-             "rmdir", "unlink", "rename", "renames", "replace", "truncate", "chmod", "chown",
-             "chroot", "setuid"):
-    if hasattr(os, name):
-        setattr(os, name, None)
+for limit, value in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_FSIZE, fsize),
+                     (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, 0)):
+    resource.setrlimit(limit, (value, value))
+src = open("../program.py", encoding="utf-8").read()
+work = os.getcwd()
+roots = sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, "/usr", "/lib",
+                                              "/lib64") if os.path.isdir(p)})
+layers = ["rlimits"]
+
+def kernel_layers():
+    import ctypes, platform, struct
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(38, 1, 0, 0, 0):  # PR_SET_NO_NEW_PRIVS: required by both, unprivileged
+        return
+    abi = libc.syscall(444, None, 0, 1)  # landlock_create_ruleset(NULL, 0, VERSION)
+    if abi >= 1:
+        fs_bits = {1: 13, 2: 14, 3: 15, 4: 15}.get(abi, 16)  # access rights this ABI knows
+        attr = struct.pack("QQQ", (1 << fs_bits) - 1, 3 if abi >= 4 else 0, 3 if abi >= 6 else 0)
+        size = 8 if abi < 4 else 16 if abi < 6 else 24  # (net from ABI 4, scopes from ABI 6)
+        ruleset = libc.syscall(444, attr, size, 0)
+        for path, access in [(r, 0b1101) for r in roots] + [(work, (1 << fs_bits) - 1)]:  # read+exec / all
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            libc.syscall(445, ruleset, 1, struct.pack("=Qi", access, fd), 0)
+            os.close(fd)
+        if ruleset >= 0 and libc.syscall(446, ruleset, 0) == 0:
+            layers.append("landlock")
+    arch = {"x86_64": (0xC000003E, 56, 435, (57, 58, 59, 322, 101)),
+            "aarch64": (0xC00000B7, 220, 435, (221, 281, 117))}.get(platform.machine())
+    if arch:
+        audit_arch, clone, clone3, denied = arch
+        ld, jeq, jset, jge, ret = 0x20, 0x15, 0x45, 0x35, 0x06
+        eperm, enosys, allow = 0x50000 | 1, 0x50000 | 38, 0x7FFF0000
+        prog = [(ld, 0, 0, 4), (jeq, 1, 0, audit_arch), (ret, 0, 0, 0x80000000),  # another ABI: kill
+                (ld, 0, 0, 0), (jge, 0, 1, 0x40000000), (ret, 0, 0, eperm)]  # (x32 calls)
+        for nr in denied:  # fork, vfork, execve, execveat, ptrace
+            prog += [(jeq, 0, 1, nr), (ret, 0, 0, eperm)]
+        prog += [(jeq, 0, 1, clone3), (ret, 0, 0, enosys),  # glibc then falls back to clone
+                 (jeq, 0, 3, clone), (ld, 0, 0, 16), (jset, 1, 0, 0x10000), (ret, 0, 0, eperm),  # a thread?
+                 (ret, 0, 0, allow)]
+        filters = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in prog))
+        fprog = ctypes.create_string_buffer(struct.pack("HP", len(prog), ctypes.addressof(filters)))
+        if libc.prctl(22, 2, fprog, 0, 0) == 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+            layers.append("seccomp")
+
+if sys.platform.startswith("linux"):
+    try:
+        kernel_layers()
+    except (OSError, AttributeError, ImportError):
+        pass
+
+def inside(path, folders):
+    p = os.path.realpath(os.fsdecode(path))
+    return any(p == f or p.startswith(f + os.sep) for f in folders)
+
+BLOCKED = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "subprocess.Popen",
+           "os.kill", "os.killpg", "pty.spawn", "ctypes.dlopen", "ctypes.dlsym", "ctypes.call_function",
+           "ctypes.cdata", "sys.remote_exec"}
+CHANGES = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.truncate", "os.chmod", "os.chown", "os.link",
+           "os.symlink", "os.utime", "shutil.rmtree", "shutil.move"}
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+def audit(event, args):
+    if event in BLOCKED:
+        raise PermissionError(f"sandbox: {event} is not allowed")
+    if event == "open" and not isinstance(args[0], int):
+        mode, flags = args[1] or "", args[2] or 0
+        writes = any(c in mode for c in "wax+") or flags & WRITE_FLAGS
+        if not inside(args[0], [work] if writes else [work] + roots):
+            raise PermissionError(f"sandbox: open {args[0]!r} is outside the sandbox")
+    if event in CHANGES and not all(inside(a, [work]) for a in args[:2] if isinstance(a, (str, bytes))):
+        raise PermissionError(f"sandbox: {event} outside the sandbox")
+
+sys.addaudithook(audit)
+layers.append("audit")
+import builtins, posix, shutil, subprocess
+for module in (os, posix):
+    for name in ("kill", "killpg", "system", "fork", "forkpty", "putenv", "remove", "removedirs", "rmdir",
+                 "unlink", "rename", "renames", "replace", "truncate", "chmod", "chown", "chroot", "setuid",
+                 "setsid", "execv", "execve", "execvp", "execvpe", "posix_spawn", "posix_spawnp", "spawnv",
+                 "spawnve", "spawnvp", "spawnvpe"):
+        if hasattr(module, name):
+            setattr(module, name, None)
 shutil.rmtree = shutil.move = subprocess.Popen = None
 builtins.exit = builtins.quit = None
+sys.stderr.write("sandbox: " + ",".join(layers + ["guard"]) + "\n"); sys.stderr.flush()
 try:
     exec(compile(src, "program.py", "exec"), {"__name__": "__main__"})
 except MemoryError:
@@ -473,7 +559,7 @@ except BaseException as e:
     os._exit(1)
 sys.stdout.write("\n" + token + "\n"); sys.stdout.flush()
 os._exit(0)
-'''
+"""
 
 
 def _tail(path: Path, n: int = 2000) -> str:
@@ -492,9 +578,10 @@ def run_humaneval_completion(problem: dict, completion: str, timeout_s: float = 
     """Run a completion against its problem's unit tests in a separate, limited process.
 
     The program is the official one: prompt + completion + test + `check(entry_point)`.
-    Returns {"passed": bool, "result": str, "network_isolated": bool}, result one of
-    "passed", "failed: <last error line>", "timed out", "memory". The temporary folder (under
-    `tmp_root`, default the system's) is removed afterwards, whatever the outcome.
+    Returns {"passed": bool, "result": str, "network_isolated": bool, "sandbox": [layers in
+    force, see _RUNNER]}, result one of "passed", "failed: <last error line>", "timed out",
+    "memory". The program runs in an empty folder of its own inside a temporary folder (under
+    `tmp_root`, default the system's) that is removed afterwards, whatever the outcome.
     """
     program = (problem["prompt"] + completion + "\n" + problem["test"] + "\n"
                + f"check({problem['entry_point']})\n")
@@ -502,19 +589,21 @@ def run_humaneval_completion(problem: dict, completion: str, timeout_s: float = 
     isolated = network_isolation_available()
     cpu_s = int(math.ceil(timeout_s)) + 1  # a backstop; the wall-clock timeout below comes first
     with tempfile.TemporaryDirectory(prefix="humaneval_", dir=tmp_root) as tmp:
-        work = Path(tmp)
-        (work / "program.py").write_text(program, encoding="utf-8")
-        (work / "runner.py").write_text(_RUNNER, encoding="utf-8")
-        cmd = [sys.executable, "-s", "-P", "-B", "runner.py", str(memory_mb * 2**20), str(cpu_s),
+        top = Path(tmp)  # runner, program and output beside the working folder, out of its reach
+        work = top / "work"
+        work.mkdir()
+        (top / "program.py").write_text(program, encoding="utf-8")
+        (top / "runner.py").write_text(_RUNNER, encoding="utf-8")
+        cmd = [sys.executable, "-s", "-P", "-B", str(top / "runner.py"), str(memory_mb * 2**20), str(cpu_s),
                str(output_limit_mb * 2**20), token]
         if isolated:
             cmd = ["unshare", "-rn", "--"] + cmd  # execs in place: same pid, same process group
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": tmp, "TMPDIR": tmp,
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(work), "TMPDIR": str(work),
                "PYTHONHASHSEED": "0", "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"}
         # Output goes to files, not pipes: a completion printing forever fills RLIMIT_FSIZE,
         # not our memory.
-        with open(work / "stdout.txt", "wb") as out, open(work / "stderr.txt", "wb") as err:
-            proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=out,
+        with open(top / "stdout.txt", "wb") as out, open(top / "stderr.txt", "wb") as err:
+            proc = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=err, start_new_session=True)
             timed_out = False
             try:
@@ -528,7 +617,10 @@ def run_humaneval_completion(problem: dict, completion: str, timeout_s: float = 
                 except (ProcessLookupError, PermissionError):
                     pass
                 rc = proc.wait()
-        stdout, stderr = _tail(work / "stdout.txt"), _tail(work / "stderr.txt")
+        stdout, stderr = _tail(top / "stdout.txt"), _tail(top / "stderr.txt")
+        with open(top / "stderr.txt", "rb") as f:
+            first = f.readline().decode("utf-8", "replace")
+        layers = first.split(":", 1)[1].strip().split(",") if first.startswith("sandbox: ") else []
     if timed_out or rc in (-signal.SIGXCPU, -signal.SIGKILL):
         result = "timed out"
     elif rc == 3 or "MemoryError" in stderr:
@@ -544,7 +636,7 @@ def run_humaneval_completion(problem: dict, completion: str, timeout_s: float = 
     else:
         lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
         result = "failed: " + (lines[-1].strip() if lines else f"exit code {rc}")
-    return {"passed": result == "passed", "result": result, "network_isolated": isolated}
+    return {"passed": result == "passed", "result": result, "network_isolated": isolated, "sandbox": layers}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -744,6 +744,9 @@ def load_state_dict_strict(model: nn.Module, state: dict, dtype: torch.dtype, de
         if tuple(state[name].shape) != tuple(p.shape):
             raise ModelLoadError(f"tensor '{name}' has shape {tuple(state[name].shape)}, "
                                  f"the config expects {tuple(p.shape)}")
+        if not torch.isfinite(state[name]).all():  # else generation runs on and prints nothing
+            raise ModelLoadError(f"tensor '{name}' holds NaN or Inf values; the checkpoint is damaged: "
+                                 f"copy the model again")
     for name in expected:  # replace each meta parameter by the loaded tensor (frozen)
         parent_name, _, leaf = name.rpartition(".")
         tensor = state[name].to(device=device, dtype=dtype)
@@ -940,6 +943,8 @@ def main(argv=None):
         sys.exit("error: --prompt is empty; give the text to continue")
     if args.max_new_tokens < 1:
         sys.exit(f"error: --max-new-tokens must be at least 1; got {args.max_new_tokens}")
+    if not 0 <= args.seed < 2 ** 63:  # torch.Generator's range (a negative seed would alias a positive one)
+        sys.exit(f"error: --seed must be between 0 and 2**63 - 1; got {args.seed}")
     try:
         check_sampling(args.temperature, args.top_p)
     except ValueError as e:

@@ -253,6 +253,7 @@ def main(argv=None):
 
     try:  # bad values and an unusable --out fail now, not after the measurement
         sources.check_at_least_one(n=args.n, batch_size=args.batch_size)
+        tasks.check_seed(args.seed)
         sources.default_gen(**sources.generation_overrides(args))
         if args.out:
             sources.check_output_file(args.out, "--out")

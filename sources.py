@@ -45,6 +45,8 @@ CLI: python sources.py --source self --task gsm8k --n-train 128
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -141,6 +143,43 @@ def check_at_least_one(**flags) -> None:
             raise ValueError(f"--{dest.replace('_', '-')} must be at least 1; got {value}")
 
 
+@contextlib.contextmanager
+def exclusive_lock(path, what: str, wait: bool = False):
+    """Hold an exclusive lock file at `path` for the block; the file names the holder's PID.
+
+    flock, not a file that merely exists: the kernel drops the lock when its holder dies, however
+    it dies, so a lock left by a killed process is simply taken over. Taken (wait=False): a
+    ValueError naming the holder; wait=True: one line on stderr, then wait for it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            if not wait:
+                os.close(fd)
+                raise ValueError(f"{what} is in use by process {holder} (lock {path}); wait for it to "
+                                 f"finish, or stop it") from None
+            print(f"waiting for process {holder}, which holds {path} ({what})", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:  # the holder before us unlinks the file as it leaves: lock the file that is there now
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # still held: nobody can have locked this file meanwhile
+        os.close(fd)
+
+
 def write_jsonl_atomic(path, rows: list[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,15 +190,34 @@ def write_jsonl_atomic(path, rows: list[dict]) -> None:
 
 
 def read_partial(path: Path) -> list[dict]:
-    """Records of a partial JSONL; a torn last line (killed mid-write) is cut off the file."""
+    """Records of a partial JSONL, the first one of each id. A torn last line (killed mid-write)
+    is cut off the file; a damaged line or a repeated id (two builders writing at once, before
+    builds were locked) is dropped from it with a warning, so only its chunk is built again."""
     if not path.exists():
         return []
     raw = path.read_bytes()
     good = raw[: raw.rfind(b"\n") + 1]
-    if len(good) != len(raw):
+    records, seen, damaged = [], set(), 0
+    for line in good.splitlines():
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            r = None
+        if not isinstance(r, dict) or r.get("id") in seen:
+            damaged += 1
+            continue
+        seen.add(r.get("id"))
+        records.append(r)
+    if damaged:
+        print(f"warning: {path}: dropped {damaged} damaged or repeated line(s); a question left without a "
+              f"record is built again", file=sys.stderr, flush=True)
+        write_jsonl_atomic(path, records)
+    elif len(good) != len(raw):
         with open(path, "r+b") as f:
             f.truncate(len(good))
-    return [json.loads(line) for line in good.decode().splitlines() if line.strip()]
+    return records
 
 
 def append_records(path: Path, records: list[dict]) -> None:
@@ -185,6 +243,8 @@ def read_file_source(path: str) -> list[dict]:
         if not isinstance(q, str) or not isinstance(a, str):
             missing = "question" if not isinstance(q, str) else "answer"
             raise ValueError(f"{path}: {where} {n} has no string '{missing}' field")
+        if not a.strip():
+            raise ValueError(f"{path}: {where} {n} has an empty answer")
         out.append({"question": q, "answer": a, "line": n})
     return out
 
@@ -414,9 +474,14 @@ def build_chunk(kind, arg, examples, model_name, gen, seed, chunk_no, models: Mo
     raise AssertionError(kind)
 
 
-def build_from_file(path: str, examples) -> tuple[list[dict], dict]:
+def build_from_file(path: str, examples, allow_empty: bool = False) -> tuple[list[dict], dict]:
     rows = read_file_source(path)
-    by_text = {tasks.question_key(r["question"]): r for r in rows}
+    by_text = {}
+    for r in rows:  # a question asked twice must not silently take the later answer
+        first = by_text.setdefault(tasks.question_key(r["question"]), r)
+        if first["answer"] != r["answer"]:
+            raise ValueError(f"{path}: entries {first['line']} and {r['line']} ask the same question with different "
+                             f"answers; keep one answer per question")
     out, unmatched_tasks = [], 0
     for e in examples:
         r = by_text.get(tasks.question_key(e.question))
@@ -427,6 +492,9 @@ def build_from_file(path: str, examples) -> tuple[list[dict], dict]:
         else:
             out.append({"id": e.id, "question": e.question, "prompt": e.prompt, "gold": e.gold,
                         "response": r["answer"], "path": "file", "file_line": r["line"]})
+    if unmatched_tasks == len(examples) and not allow_empty:
+        raise ValueError(f"file source {path}: none of its {len(rows)} questions is among the {len(examples)} "
+                         f"{examples[0].task} training questions (--n-train, --seed); check the task and the file")
     matched = {tasks.question_key(e.question) for e in examples}
     unmatched_lines = [r["line"] for r in rows if tasks.question_key(r["question"]) not in matched]
     return out, {"file_rows": len(rows), "questions_without_file_answer": unmatched_tasks,
@@ -454,8 +522,10 @@ def build(source, model="smollm2-135m-instruct", task="gsm8k", n_train=None, see
     n_train, gen = inputs["n_train"], inputs["generation"]  # (generation None: human, file)
     folder = cache_folder(inputs)
     final, manifest_path = folder / "data.jsonl", folder / "manifest.json"
-    if final.exists() and manifest_path.exists():
-        return read_built(folder)
+    built = read_cached(folder)
+    if built:
+        return require_kept(*built)
+    damaged = final.exists() and manifest_path.exists()
 
     from pretrained import check_model_name
     for name in [model] + ([arg] if kind in MODEL_SOURCES else []):
@@ -463,54 +533,97 @@ def build(source, model="smollm2-135m-instruct", task="gsm8k", n_train=None, see
     chosen = tasks.splits(task, n_train=n_train, seed=seed, train_questions=train_questions,
                           allow_unmatched=allow_unmatched, **({"n_val": n_val} if split == "val" else {}))
     examples = chosen[split]
-    folder.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    extra = {}
+    check_output_folder(folder, "ILB_SOURCES_DIR")
+    # One builder per set: two appending to one partial file, or replacing one data.jsonl, would
+    # mix their records. A second builder waits, then takes the set the first one built.
+    with exclusive_lock(folder.with_name(folder.name + ".lock"), f"the build of {folder}", wait=True):
+        built = None if damaged else read_cached(folder)
+        if built:
+            return require_kept(*built)
+        folder.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        extra = {}
+        if kind == "file":
+            all_records, extra = build_from_file(arg, examples, allow_empty=split == "val")
+        else:
+            partial = folder / "data.partial.jsonl"
+            done = read_partial(partial)
+            done_ids = {r["id"] for r in done}
+            models = ModelCache(dtype, device)
+            chunks = [examples[i:i + CHUNK] for i in range(0, len(examples), CHUNK)]
+            iterator = enumerate(chunks)
+            if progress:
+                from tqdm import tqdm
+                iterator = tqdm(iterator, total=len(chunks), desc=f"build {source}", unit="chunk", file=sys.stderr)
+            for chunk_no, chunk in iterator:
+                if all(e.id in done_ids for e in chunk):
+                    continue  # built before an interruption
+                # only the questions not yet on file: a kill mid-chunk leaves some of its lines behind
+                append_records(partial, [r for r in build_chunk(kind, arg, chunk, model, gen, seed, chunk_no,
+                                                                models) if r["id"] not in done_ids])
+            all_records = read_partial(partial)
+            ids = [r["id"] for r in all_records]
+            if len(ids) != len(set(ids)) or set(ids) != {e.id for e in examples}:
+                raise RuntimeError(f"{partial} does not hold each question exactly once; delete {folder} and rebuild")
+            order = {e.id: i for i, e in enumerate(examples)}
+            all_records.sort(key=lambda r: order[r["id"]])
+        write_jsonl_atomic(final, all_records)
+        (folder / "data.partial.jsonl").unlink(missing_ok=True)
+        kept = [r for r in all_records if r["response"] is not None]
+        counts: dict[str, int] = {}
+        for r in all_records:
+            counts[r["path"]] = counts.get(r["path"], 0) + 1
+        manifest = {
+            **inputs, "cache_folder": str(folder), "questions": len(all_records), "kept": len(kept),
+            "coverage": round(len(kept) / max(1, len(all_records)), 4), "counts_by_path": counts,
+            "build_seconds": round(time.time() - t0, 1), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "inputs_sha256": folder.name.rsplit("-", 1)[-1], **extra,
+        }
+        if train_questions is not None:  # what --allow-unmatched skipped, and the file's repeats
+            manifest["train_questions"] = {"path": str(train_questions), "unmatched_skipped": len(chosen["unmatched"]),
+                                           "repeated_skipped": len(chosen["repeated"])}
+        write_json_atomic(manifest_path, manifest)
+    return require_kept(kept, manifest)
+
+
+def check_buildable(source, model, task, n_train, seed, dtype, train_questions=None, allow_unmatched=False,
+                    **gen_overrides) -> None:
+    """ValueError now, before any model work, for a set that cannot be built: a file source with
+    nothing to train on, or a sources cache that cannot be written (a set already built is only read)."""
+    inputs = set_inputs(source, model, task, n_train, seed, dtype, train_questions, allow_unmatched, **gen_overrides)
+    kind, arg = source_kind(source)
     if kind == "file":
-        all_records, extra = build_from_file(arg, examples)
-    else:
-        partial = folder / "data.partial.jsonl"
-        done = read_partial(partial)
-        done_ids = {r["id"] for r in done}
-        models = ModelCache(dtype, device)
-        chunks = [examples[i:i + CHUNK] for i in range(0, len(examples), CHUNK)]
-        iterator = enumerate(chunks)
-        if progress:
-            from tqdm import tqdm
-            iterator = tqdm(iterator, total=len(chunks), desc=f"build {source}", unit="chunk", file=sys.stderr)
-        for chunk_no, chunk in iterator:
-            if all(e.id in done_ids for e in chunk):
-                continue  # built before an interruption
-            append_records(partial, build_chunk(kind, arg, chunk, model, gen, seed, chunk_no, models))
-        all_records = read_partial(partial)
-        ids = [r["id"] for r in all_records]
-        if len(ids) != len(set(ids)) or set(ids) != {e.id for e in examples}:
-            raise RuntimeError(f"{partial} does not hold each question exactly once; delete {folder} and rebuild")
-        order = {e.id: i for i, e in enumerate(examples)}
-        all_records.sort(key=lambda r: order[r["id"]])
-    write_jsonl_atomic(final, all_records)
-    (folder / "data.partial.jsonl").unlink(missing_ok=True)
-    kept = [r for r in all_records if r["response"] is not None]
-    counts: dict[str, int] = {}
-    for r in all_records:
-        counts[r["path"]] = counts.get(r["path"], 0) + 1
-    manifest = {
-        **inputs, "cache_folder": str(folder), "questions": len(all_records), "kept": len(kept),
-        "coverage": round(len(kept) / max(1, len(all_records)), 4), "counts_by_path": counts,
-        "build_seconds": round(time.time() - t0, 1), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "inputs_sha256": folder.name.rsplit("-", 1)[-1], **extra,
-    }
-    if train_questions is not None:  # what --allow-unmatched skipped, and the file's repeats
-        manifest["train_questions"] = {"path": str(train_questions), "unmatched_skipped": len(chosen["unmatched"]),
-                                       "repeated_skipped": len(chosen["repeated"])}
-    write_json_atomic(manifest_path, manifest)
+        build_from_file(arg, tasks.splits(task, n_train=inputs["n_train"], seed=seed, train_questions=train_questions,
+                                          allow_unmatched=allow_unmatched)["train"])
+    folder = cache_folder(inputs)
+    if not ((folder / "data.jsonl").exists() and (folder / "manifest.json").exists()):
+        check_output_folder(folder, "ILB_SOURCES_DIR")
+
+
+def read_cached(folder: Path) -> tuple[list[dict], dict] | None:
+    """read_built, or None if the set is not built, or is damaged (said in one line: it is built again)."""
+    if not ((folder / "data.jsonl").exists() and (folder / "manifest.json").exists()):
+        return None
+    try:
+        return read_built(folder)
+    except ValueError as e:
+        print(f"warning: {e}; building it again", file=sys.stderr, flush=True)
+        return None
+
+
+def require_kept(kept: list[dict], manifest: dict) -> tuple[list[dict], dict]:
+    """A set with no response kept (all dropped or rejected) is an error, not an empty training set.
+    (A validation set may be empty: a file: source need not answer the validation questions.)"""
+    if not kept and manifest.get("split", "train") == "train":
+        raise ValueError(f"source {manifest['source']}: no response kept of {manifest['questions']} "
+                         f"({manifest['counts_by_path']}; the records are in {manifest['cache_folder']})")
     return kept, manifest
 
 
 def read_built(folder: Path) -> tuple[list[dict], dict]:
     """A finished build's kept records and manifest, checked against each other: a damaged cache
     is an error that names the folder, never a silently smaller training set."""
-    damaged = f"the cached set in {folder} is damaged ({{}}); delete that folder and run again to rebuild it"
+    damaged = f"the cached set in {folder} is damaged ({{}})"
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
         lines = (folder / "data.jsonl").read_text().splitlines()
@@ -533,7 +646,10 @@ def load_cached(source: str, model: str, task: str, n_train: int | None = None, 
     if not (folder / "data.jsonl").exists() or not (folder / "manifest.json").exists():
         raise FileNotFoundError(f"source '{source}' is not built for {model}/{task}; run "
                                 f"python sources.py --source {source} --task {task}")
-    return read_built(folder)[0]
+    try:
+        return read_built(folder)[0]
+    except ValueError as e:
+        raise ValueError(f"{e}; build it again with python sources.py --source {source} --task {task}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -557,6 +673,8 @@ def main(argv=None):
     g.add_argument("--device", default=None, help="cpu, cuda or mps (default: best available)")
     args = ap.parse_args(argv)
     try:
+        check_at_least_one(n_train=args.n_train)  # before an empty set is built and cached
+        tasks.check_seed(args.seed)
         records, manifest = build(args.source, args.model, args.task, args.n_train, args.seed, args.dtype,
                                   args.device, True, **question_overrides(args), **{**generation_overrides(args),
                                                         "batch_size": args.batch_size or args.gen_batch_size})

@@ -366,6 +366,13 @@ def load_task(name: str, split: str) -> list[Example]:
 # 4. Splits
 
 
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    """ValueError naming the flag for a seed outside [0, 2**30): later stages derive their seeds
+    from it, times ~1e10, and a negative seed would be a second name for another set."""
+    if not 0 <= seed < 2 ** 30:
+        raise ValueError(f"{flag} must be between 0 and 2**30 - 1; got {seed}")
+
+
 def training_pool(task: str) -> list[Example]:
     """The training split without its test questions and repeats (normalised text), file order."""
     seen = {normalize_question(e.question) for e in load_task(task, "test")}
@@ -491,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     try:
+        if args.n < 1:
+            raise ValueError(f"--n must be at least 1; got {args.n}")
+        check_seed(args.seed)
         if args.counts:
             for name in TASKS:
                 s = splits(name, n_val=args.n_val, seed=args.seed)

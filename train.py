@@ -31,6 +31,7 @@ uses held-out training questions, never the test set (the paper's code used the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -153,6 +154,19 @@ def train_step(model, optimizer, rendered, step_examples, args, rank, world, aut
     return local_sum.item(), int(n_tokens.item()), float(grad_norm)
 
 
+def nonfinite(loss: float, grad_norm: float, model) -> str | None:
+    """What went non-finite in a step, if anything. The loss alone is not enough: the step that
+    overflows the weights (lr too high) still had a finite loss, and its NaN adapter would be saved."""
+    if not math.isfinite(loss):
+        return f"loss became {loss}"
+    if not math.isfinite(grad_norm):
+        return f"the gradient norm became {grad_norm}"
+    for name, p in model.named_parameters():
+        if p.requires_grad and not torch.isfinite(p).all():
+            return f"LoRA weight {name} became non-finite"
+    return None
+
+
 # ----------------------------------------------------------------------------------------------
 # Run folder: config, metrics, checkpoints
 
@@ -163,6 +177,22 @@ def git_commit() -> str | None:
                               cwd=Path(__file__).parent, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def keep_metrics_up_to(path: Path, epoch: int) -> None:
+    """Cut metrics.jsonl back to the checkpoint's last epoch: the rows written after it (a run
+    killed mid-epoch, or between its validation row and its checkpoint) are written again by the
+    resumed run, and a report would count those steps twice. A torn last line goes too."""
+    if not path.exists():
+        return
+    complete = path.read_text().split("\n")[:-1]  # (the text after the last newline is torn)
+    rows = [json.loads(line) for line in complete if line.strip()]
+    sources.write_jsonl_atomic(path, [r for r in rows if r["epoch"] <= epoch])
+
+
+def lock_path(run_dir: Path) -> Path:
+    """Beside the run folder, not in it: --overwrite replaces the folder while the lock is held."""
+    return run_dir.with_name(run_dir.name + ".lock")
 
 
 def save_checkpoint(folder: Path, model, optimizer, scaler, state: dict, lora_cfg, model_name):
@@ -297,6 +327,8 @@ def run_source(source: str, args, ctx: Context) -> dict:
             scaler.load_state_dict(saved["scaler"])
         torch.set_rng_state(saved["rng_torch"])
         state = {k: saved.get(k) for k in state}  # (a checkpoint of an older version has no val loss)
+        if rank == 0:
+            keep_metrics_up_to(metrics_path, state["epoch"])
         log(f"[{source}] resuming after epoch {state['epoch']} (step {state['step']})")
     elif rank == 0:
         replaced = replaced_folder(run_dir)
@@ -331,10 +363,12 @@ def run_source(source: str, args, ctx: Context) -> dict:
             lr = lr_at(state["step"], total_steps, warmup, args.lr)
             loss, n_tok, gnorm = train_step(model, optimizer, rendered, step_examples, args, rank, world,
                                             autocast_dtype, scaler, lr)
-            if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss became {loss} at step {state['step']} (epoch {epoch + 1}); the last good "
-                    f"checkpoint is in {ckpt_dir}. Lower --lr or use --dtype fp32.")
+            problem = nonfinite(loss, gnorm, model)
+            if problem:  # stop before anything of this epoch is saved: checkpoints stay finite
+                fix = "Use --dtype fp32, or lower --lr" if args.dtype == "bf16" and "loss" in problem else \
+                    f"Lower --lr (now {args.lr:g}) or --grad-clip (now {args.grad_clip:g})"
+                raise FloatingPointError(f"{problem} at step {state['step'] + 1} (epoch {epoch + 1}); nothing of "
+                                         f"this epoch is saved, the last good checkpoint is in {ckpt_dir}. {fix}.")
             state["step"] += 1
             epoch_loss += loss * n_tok
             epoch_tokens += n_tok
@@ -662,6 +696,13 @@ def check_args(args) -> None:
         "n_train", "n_val", "n_test", "epochs", "batch_size", "micro_batch", "eval_batch_size", "max_seq_len",
         "lora_r")})
     sources.check_output_folder(args.runs_dir, "--runs-dir")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues a run and --overwrite replaces it; pass one of them")
+    if args.run_name is not None:
+        runs = Path(args.runs_dir).resolve()
+        if runs not in (runs / args.run_name).resolve().parents:
+            raise ValueError(f"--run-name {args.run_name} is not a folder inside --runs-dir {args.runs_dir}; "
+                             f"give a plain name")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr must be a finite number > 0; got {args.lr}")
     if not 0 <= args.warmup_ratio <= 1:
@@ -674,11 +715,10 @@ def check_args(args) -> None:
         raise ValueError(f"--lora-alpha must be a finite number > 0; got {args.lora_alpha}")
     if not 0 <= args.lora_dropout < 1:
         raise ValueError(f"--lora-dropout must be in [0, 1); got {args.lora_dropout}")
-    if not 0 <= args.seed < 2 ** 30:  # later stages derive their seeds from it, times ~1e10
-        raise ValueError(f"--seed must be between 0 and 2**30 - 1; got {args.seed}")
+    import tasks
+    tasks.check_seed(args.seed)
     if args.device is not None:
         usable_device(args.device)
-    import tasks
     unknown = [t for t in args.eval_tasks if t not in tasks.TASKS]
     if unknown:
         raise ValueError(f"--eval-tasks: unknown {', '.join(unknown)} (use {', '.join(tasks.TASKS)})")
@@ -690,6 +730,9 @@ def check_args(args) -> None:
         if chosen.get("unmatched") or chosen.get("repeated"):
             print(f"--train-questions {args.train_questions}: skipped {len(chosen['unmatched'])} questions not in "
                   f"{args.task}'s training split and {len(chosen['repeated'])} repeats", flush=True)
+        for source in args.source:  # a file that matches nothing, or a cache that cannot be written
+            sources.check_buildable(source, args.model, args.task, args.n_train, args.seed, args.gen_dtype,
+                                    **sources.question_overrides(args), **sources.generation_overrides(args))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -732,8 +775,12 @@ def main(argv=None):
     device = args.device or best_device()
     if world > 1 and device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    held = contextlib.ExitStack()  # the run folders' locks, released however main ends
     try:
         for source in args.source:  # a run folder clash is an error now, not after hours of work
+            if rank == 0:  # one train.py per run folder: two would mix metrics and checkpoints
+                held.enter_context(sources.exclusive_lock(lock_path(run_folder(source, args)),
+                                                          f"run folder {run_folder(source, args)}"))
             plan_run_folder(run_folder(source, args), source, args)
         folder = resolve_model(args.model)
         check_lora_targets(folder, args.lora_targets)
@@ -751,6 +798,7 @@ def main(argv=None):
     except (ModelLoadError, FileNotFoundError, ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
     finally:
+        held.close()
         if dist.is_initialized():
             dist.destroy_process_group()
     if rank == 0:

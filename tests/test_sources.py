@@ -248,9 +248,12 @@ def test_paraphrase_rephrases_the_other_models_own_answer(monkeypatch):
 
 def test_self_fallback_drop_trains_on_no_ground_truth(monkeypatch):
     scripted_generation(monkeypatch, lambda p, s: ("Final Answer: 0.5", True))  # always wrong
-    kept, manifest = sources.build("self", n_train=2, progress=False, k=2, self_fallback="drop")
-    assert kept == [] and manifest["counts_by_path"] == {"dropped": 2}
-    assert manifest["kept"] == 0 and manifest["coverage"] == 0
+    with pytest.raises(ValueError, match=r"source self: no response kept of 2 \(\{'dropped': 2\}") as e:
+        sources.build("self", n_train=2, progress=False, k=2, self_fallback="drop")
+    manifest = json.loads((sources.Path(str(e.value).split("records are in ")[1][:-1]) / "manifest.json").read_text())
+    assert manifest["kept"] == 0 and manifest["coverage"] == 0  # built and kept on record, not trained on
+    with pytest.raises(ValueError, match="no response kept"):  # the cached set is the same error
+        sources.build("self", n_train=2, progress=False, k=2, self_fallback="drop")
     kept, manifest = sources.build("self", n_train=2, progress=False, k=2)  # the default falls back
     assert manifest["counts_by_path"] == {"ground_truth": 2}
     assert [r["response"] for r in kept] == [r["response"] for r in sources.build("human", n_train=2, progress=False)[0]]
@@ -325,17 +328,18 @@ def test_bad_generation_settings_are_one_line_errors(flag, value, needle, tmp_pa
 
 
 @pytest.mark.parametrize("damage", ["torn last line", "empty", "not json"])
-def test_a_damaged_cached_set_is_an_error_not_a_smaller_set(damage):
+def test_a_damaged_cached_set_is_said_and_built_again(damage, capsys):
     records, manifest = sources.build("human", n_train=4, progress=False)
     data = sources.Path(manifest["cache_folder"]) / "data.jsonl"
     raw = data.read_bytes()
     data.write_bytes({"torn last line": raw[:-40], "empty": b"", "not json": b"\xff" + raw}[damage])
-    with pytest.raises(ValueError, match="is damaged .*delete that folder and run again"):
-        sources.build("human", n_train=4, progress=False)
-    with pytest.raises(SystemExit, match="is damaged"):
-        sources.main(["--source", "human", "--n-train", "4"])
-    data.write_bytes(raw)
     assert sources.build("human", n_train=4, progress=False)[0] == records
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and "is damaged" in warning[0] and "building it again" in warning[0]
+    assert data.read_bytes() == raw
+    data.write_bytes(b"")  # where it cannot be rebuilt (data.py show reads the cache), an error
+    with pytest.raises(ValueError, match="is damaged .*build it again with python sources.py"):
+        sources.load_cached("human", "smollm2-135m-instruct", "gsm8k", n_train=4)
 
 
 def test_write_json_atomic_leaves_no_temp_file_when_it_fails(tmp_path):
