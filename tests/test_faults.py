@@ -267,7 +267,8 @@ def test_resume_writes_no_metrics_row_twice(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "train_step", real_step)
     train.main(base_args(tiny_dir, tmp_path) + ["--resume"])
     keys = metric_keys(tmp_path / "runs" / "r")
-    assert keys == metric_keys(tmp_path / "straight" / "runs" / "r") and len(keys) == len(set(keys)) == 8
+    # 9 rows: the untuned model's validation loss (epoch 0), 2 x 3 steps, 2 validation rows
+    assert keys == metric_keys(tmp_path / "straight" / "runs" / "r") and len(keys) == len(set(keys)) == 9
 
 
 # ----------------------------------------------------------------------------------------------

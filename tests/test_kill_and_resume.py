@@ -69,7 +69,7 @@ def test_a_training_run_killed_at_random_resumes_to_the_same_adapter(tiny_dir, t
     run_to_end(command(tmp_path / "straight"), child_env(tmp_path / "straight"))
     kill_and_resume(command(tmp_path / "killed"), command(tmp_path / "killed", "--resume"),
                     child_env(tmp_path / "killed"), lambda: lines_in("metrics.jsonl", tmp_path / "killed" / "runs"),
-                    total=3 * 3 + 3, seed=20)
+                    total=1 + 3 * 3 + 3, seed=20)
     straight, killed = tmp_path / "straight" / "runs" / "r", tmp_path / "killed" / "runs" / "r"
     for f in ("adapter/adapter_model.safetensors", "checkpoint/adapter/adapter_model.safetensors"):
         assert (straight / f).read_bytes() == (killed / f).read_bytes(), f
@@ -77,7 +77,7 @@ def test_a_training_run_killed_at_random_resumes_to_the_same_adapter(tiny_dir, t
     def rows(run):  # (the time an epoch took differs)
         return [{k: v for k, v in json.loads(line).items() if k != "epoch_seconds"}
                 for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert rows(killed) == rows(straight) and len(rows(straight)) == 3 * 3 + 3  # steps and epochs
+    assert rows(killed) == rows(straight) and len(rows(straight)) == 1 + 3 * 3 + 3  # untuned, steps, epochs
     test = [json.loads((run / "results.json").read_text())["test"] for run in (straight, killed)]
     assert test[0] == test[1]
     assert sorted(p.name for p in killed.parent.iterdir() if not p.name.startswith("base-")) == ["r"]  # no lock, no temp

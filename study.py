@@ -1,0 +1,197 @@
+"""A whole study in one resumable command: every response source on the same questions, trained,
+tested, compared and exported (issue 18 sections 5-8; the paper's section 3 experiment).
+
+    python study.py run study1 --paper-data PATH/TO/I-Learn-Better-If-You-Speak-My-Language/dataset/GSM8K
+    python study.py status study1
+
+Stages, in order, each skipped when its result is on disk, so the command can be stopped at any
+point (Ctrl-C, a killed session) and run again to continue where it was:
+  1. one train.py run per source (`--resume`: a killed run continues from its last epoch), each
+     in a subprocess whose output goes to <work>/logs/<source>.log;
+  2. the comparison report (eval.py report: paired statistics, the plot);
+  3. the export to docs/results/<study>/: report.md, report.json, the plot, results.json (the
+     exact commands, the commit, the machine, wall time per stage, every n), answers.jsonl
+     (per test question and source: output, extracted answer, correct, gold log-likelihood)
+     and the adapters (a q/v rank-8 adapter of the 135M model is ~1.8 MB).
+The study's own state (stage times, commands) is one JSON file written atomically after each
+stage. The paper's files are read from where the user cloned them; nothing of them is copied
+into the export (answers.jsonl holds OUR models' outputs on the test questions only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sources import write_json_atomic
+
+ROOT = Path(__file__).resolve().parent
+
+# The paper's GSM8K files (in the authors' repository, dataset/GSM8K/) used as sources. The two
+# "rewrite" files are byte-identical to the GPT-4 and Claude answer files (README), so the
+# rewrite source is ours: the target model restates the ground truth.
+PAPER_FILES = {"gpt4": "openai_gpt4_data.json", "claude": "anthropic_Claud.json",
+               "minimum-change": "mistral_minimum_change_data.json"}
+QUESTIONS_FILE = "groundtruth.json"  # its questions, in its order, are every source's questions
+
+STUDIES = {
+    # Study 1: the familiarity effect on the packaged 135M model, on this CPU. The training
+    # setting is the CPU sweep's (docs/sweep/README.md).
+    "study1": dict(model="smollm2-135m-instruct", sources=["human", "paper:gpt4", "paper:claude",
+                                                            "paper:minimum-change", "rewrite", "self"],
+                   train=["--n-train", "500", "--n-val", "50", "--n-test", "500", "--epochs", "3",
+                          "--lr", "3e-3", "--batch-size", "8", "--micro-batch", "8", "--dtype", "bf16",
+                          "--eval-tasks", "gsm8k", "csqa", "piqa", "boolq", "mmlu"]),
+    # Study 2: a model that can do the task (~25% on GSM8K untuned).
+    "study2": dict(model="qwen2.5-coder-0.5b-instruct", sources=["human", "paper:gpt4", "paper:claude", "self"],
+                   train=["--n-train", "500", "--n-val", "50", "--n-test", "500", "--epochs", "3",
+                          "--lr", "3e-3", "--batch-size", "8", "--micro-batch", "8", "--dtype", "bf16",
+                          "--eval-tasks", "gsm8k", "csqa", "piqa", "boolq", "mmlu"]),
+}
+
+
+def source_arg(source: str, paper_data: Path) -> str:
+    """train.py's --source for a study source: paper:<name> is the paper's file, as file:PATH."""
+    if source.startswith("paper:"):
+        return f"file:{paper_data / PAPER_FILES[source.split(':', 1)[1]]}"
+    return source
+
+
+def run_name(source: str) -> str:
+    return source.replace(":", "-")
+
+
+def train_command(study: dict, source: str, paper_data: Path, work: Path, extra: list[str]) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), "--source", source_arg(source, paper_data),
+            "--model", study["model"], "--train-questions", str(paper_data / QUESTIONS_FILE),
+            *study["train"], *extra, "--runs-dir", str(work / "runs"), "--run-name", run_name(source), "--resume"]
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
+
+
+def export_answers(run_dirs: dict[str, Path], out: Path) -> int:
+    """answers.jsonl: per test question and source, our model's output and its verdict."""
+    from eval import gold_loglik, load_answers
+    rows = []
+    for source, run_dir in run_dirs.items():
+        results = json.loads((run_dir / "results.json").read_text())
+        for task in results["test"]:
+            for qid, r in (load_answers(run_dir, task) or {}).items():
+                rows.append({"question_id": qid, "task": task, "source": source, "output": r.get("output"),
+                             "extracted": r.get("extracted"), "gold": r.get("gold"), "correct": r["correct"],
+                             "gold_loglik": gold_loglik(r)})
+    tmp = out / ".answers.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    os.replace(tmp, out / "answers.jsonl")
+    return len(rows)
+
+
+def run_study(name: str, paper_data: Path, work: Path, out: Path, extra: list[str]) -> None:
+    study = STUDIES[name]
+    missing = [f for f in [QUESTIONS_FILE, *PAPER_FILES.values()] if not (paper_data / f).is_file()]
+    if missing:
+        raise ValueError(f"--paper-data {paper_data}: no {', '.join(missing)}; clone "
+                         f"https://github.com/XuanRen4470/I-Learn-Better-If-You-Speak-My-Language and give its "
+                         f"dataset/GSM8K folder")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "logs").mkdir(exist_ok=True)
+    state_path = work / "study.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {"stages": {}}
+    state.update(study=name, model=study["model"], paper_data=str(paper_data), machine=machine())
+    run_dirs = {}
+    for source in study["sources"]:
+        cmd = train_command(study, source, paper_data, work, extra)
+        run_dir = work / "runs" / run_name(source)
+        run_dirs[source] = run_dir
+        stage = f"train {source}"
+        if (run_dir / "results.json").exists():
+            print(f"[study] {stage}: done ({run_dir})", flush=True)
+            continue
+        print(f"[study] {stage}: {shlex.join(cmd)}  (log: {work / 'logs' / run_name(source)}.log)", flush=True)
+        t0 = time.time()
+        with open(work / "logs" / f"{run_name(source)}.log", "a") as log:
+            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        if code != 0:
+            raise RuntimeError(f"{stage} failed (exit {code}); see {work / 'logs' / run_name(source)}.log, fix it, "
+                               f"and run the same command again to continue")
+        state["stages"][stage] = {"command": shlex.join(cmd), "seconds": round(time.time() - t0, 1),
+                                  "commit": git_commit(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        write_json_atomic(state_path, state)
+    from eval import write_report
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    write_report([str(d) for d in run_dirs.values()], str(out))
+    n_answers = export_answers(run_dirs, out)
+    for source, run_dir in run_dirs.items():
+        shutil.copytree(run_dir / "adapter", out / "adapters" / run_name(source), dirs_exist_ok=True)
+    state["stages"]["report and export"] = {"seconds": round(time.time() - t0, 1), "commit": git_commit()}
+    write_json_atomic(state_path, state)
+    per_run = {s: json.loads((d / "results.json").read_text()) for s, d in run_dirs.items()}
+    write_json_atomic(out / "results.json", {
+        **state, "answers_rows": n_answers,
+        "n": {s: {"train": r["train_examples"], "validation": (r.get("validation_loss") or {}).get("n"),
+                  "test": {t: v["n"] for t, v in r["test"].items()}} for s, r in per_run.items()}})
+    print(f"[study] {name}: report in {out / 'report.md'}", flush=True)
+
+
+def status(name: str, work: Path) -> None:
+    study = STUDIES[name]
+    for source in study["sources"]:
+        run_dir = work / "runs" / run_name(source)
+        if (run_dir / "results.json").exists():
+            print(f"{source:24s} done")
+        elif (run_dir / "checkpoint").exists():
+            metrics = (run_dir / "metrics.jsonl").read_text().splitlines()
+            epochs = [json.loads(x) for x in metrics if '"val_accuracy"' in x]
+            print(f"{source:24s} training, {len(epochs)} epoch(s) finished")
+        else:
+            print(f"{source:24s} not started")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="Run a whole study, resumably (run it again to continue).",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("cmd", choices=["run", "status"], help="run (or continue) the study, or show where it stands")
+    ap.add_argument("study", choices=sorted(STUDIES), help="which study")
+    ap.add_argument("--paper-data", default=None,
+                    help="the dataset/GSM8K folder of a clone of the paper's repository (needed by run)")
+    ap.add_argument("--work", default=None, help="where runs and logs go (default: studies/<study>)")
+    ap.add_argument("--out", default=None, help="where the results are exported (default: docs/results/<study>)")
+    args, extra = ap.parse_known_args(argv)  # anything else goes to every train.py run
+    work = Path(args.work or ROOT / "studies" / args.study)
+    out = Path(args.out or ROOT / "docs" / "results" / args.study)
+    try:
+        if args.cmd == "status":
+            return status(args.study, work)
+        if not args.paper_data:
+            raise ValueError("run needs --paper-data (the dataset/GSM8K folder of the paper's repository)")
+        run_study(args.study, Path(args.paper_data).resolve(), work.resolve(), out.resolve(), extra)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: run the same command again to continue")
+
+
+if __name__ == "__main__":
+    main()

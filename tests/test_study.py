@@ -1,0 +1,52 @@
+"""study.py: a whole (tiny) study runs, exports what it promises, skips finished stages when run
+again, and refuses a folder without the paper's files."""
+
+import json
+
+import pytest
+
+import study
+
+
+@pytest.fixture
+def paper_dir(tmp_path):
+    """Files in the shape of the paper's dataset/GSM8K (our own words, on real GSM8K questions)."""
+    import tasks
+    pool = tasks.training_pool("gsm8k")[:8]
+    folder = tmp_path / "GSM8K"
+    folder.mkdir()
+    suffix = "\n\nPlease provide the final answer (a number) at the end, after 'Final Answer:'\n"
+    for name, say in [(study.QUESTIONS_FILE, "Human."), *((f, f"{k}.") for k, f in study.PAPER_FILES.items())]:
+        (folder / name).write_text(json.dumps([{"question": e.question + suffix, "input": "",
+                                                "answer": f"{say} Final Answer: {e.gold}"} for e in pool]))
+    return folder
+
+
+def test_a_tiny_study_runs_exports_and_resumes(tiny_model_dir, paper_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ILB_SOURCES_DIR", str(tmp_path / "sources"))
+    monkeypatch.setitem(study.STUDIES, "tiny", dict(
+        model=str(tiny_model_dir), sources=["human", "paper:gpt4"],
+        train=["--n-train", "4", "--n-val", "2", "--n-test", "2", "--epochs", "1", "--batch-size", "2",
+               "--micro-batch", "2", "--max-new-tokens", "4", "--lr", "1e-2", "--eval-tasks", "gsm8k", "csqa"]))
+    work, out = tmp_path / "work", tmp_path / "out"
+    argv = ["run", "tiny", "--paper-data", str(paper_dir), "--work", str(work), "--out", str(out)]
+    study.main(argv)
+    state = json.loads((work / "study.json").read_text())
+    assert set(state["stages"]) == {"train human", "train paper:gpt4", "report and export"}
+    assert "--train-questions" in state["stages"]["train paper:gpt4"]["command"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["n"]["paper:gpt4"] == {"train": 4, "validation": 2, "test": {"gsm8k": 2, "csqa": 2}}
+    answers = [json.loads(x) for x in (out / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 2 * (2 + 2)  # two sources, two tasks, two test questions
+    assert all(a["gold_loglik"] is not None for a in answers if a["task"] == "csqa")
+    assert (out / "adapters" / "paper-gpt4" / "adapter_model.safetensors").is_file()
+    assert "vs human" in (out / "report.md").read_text()
+    first = (work / "runs" / "human" / "results.json").read_bytes()
+    study.main(argv)  # everything done: nothing is trained again
+    assert (work / "runs" / "human" / "results.json").read_bytes() == first
+    assert json.loads((work / "study.json").read_text())["stages"]["train human"] == state["stages"]["train human"]
+
+
+def test_a_folder_without_the_paper_files_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="no groundtruth.json.*clone"):
+        study.main(["run", "study1", "--paper-data", str(tmp_path), "--work", str(tmp_path / "w")])
