@@ -15,7 +15,7 @@ command. Rows:
             `autocast_adapter_dtype`). `--grad-checkpoint`: both recompute each layer in the
             backward (ours: train.py's `--grad-checkpoint`; HF: `gradient_checkpointing_enable`).
   gen@B     greedy generation at batch B (default 1 and 16) of N = 200 new tokens (what sources.py
-            generates), generated tokens/s. Ours: `model.generate` with no stop ids; HF:
+            generates), generated tokens/s. Ours: `generation.generate` with no stop ids; HF:
             `generate(do_sample=False)` with left padding and min_new_tokens = max_new_tokens. Both
             therefore produce exactly B * N tokens; the time includes the prompts' prefill. The
             prefill is why N matters for the batch-16 / batch-1 ratio: it costs the same per prompt
@@ -38,7 +38,7 @@ return freed heap to the OS (malloc_trim), reset the kernel's peak counter (/pro
 then also holds the loading peak. On CUDA, max_memory_allocated minus memory_allocated before the
 row (tensors only, not the caching allocator's reserve). It is activation + optimizer memory, not
 the model's weights (printed separately as "model MB"), except that our batched CPU generation
-also holds a second copy of the weights in oneDNN's layout (model.Linear), made in the row.
+also holds a second copy of the weights in oneDNN's layout (fast.Linear), made in the row.
 
 FLOPs ("model FLOPs": the work the task needs, the same count for both implementations, so the
 ratio of achieved FLOP/s equals the ratio of speeds):
@@ -66,6 +66,7 @@ then meaningless, and the agreement lines only show that both sides computed the
 Run: python bench.py                       (SmolLM2-135M, fp32 and bf16, CPU)
      python bench.py --quick               (a tiny smoke run, ~2 minutes on 2 cores)
      python bench.py --model qwen2.5-coder-0.5b-instruct --device cuda --out bench.json
+     ILB_PLAIN=1 python bench.py               (our plain model, without fast.py's paths)
 
 This is a development tool: it imports transformers and peft (requirements-dev.txt); the product
 code never does.
@@ -314,10 +315,12 @@ def optimiser_step(model, nll_sum, spec: dict, rendered, pad_id: int):
 
 
 def job_ours(spec: dict, folder, tok, rendered, prompts) -> tuple:
-    from model import Transformer, generate
+    import fast
+    from generation import generate
+    from model import Transformer
 
     device, dtype, row = spec["device"], spec["dtype"], spec["row"]
-    model = Transformer.from_pretrained(folder, dtype, device)
+    model = fast.apply(Transformer.from_pretrained(folder, dtype, device))  # ILB_PLAIN=1: our plain model
     if row == "ppl":
         from perplexity import response_nll
         batches = [b.to(device) for b in work_batches(rendered, spec["ppl_examples"], spec["ppl_batch"], tok.pad_id)]
@@ -461,10 +464,11 @@ def run_job(spec: dict) -> dict:
 def decode_breakdown(model, prompts: list[list[int]], new_tokens: int, pad_id: int, repeats: int,
                      device: str) -> dict:
     """Where our generation row's time goes, measured apart from the row: the prompts' prefill
-    alone (as `model.generate` runs it), and one decoding step's matrix products alone (every
+    alone (as `generation.generate` runs it), and one decoding step's matrix products alone (every
     Linear of the model, head included, on a (B, 1, in) input: the kernels a step of B rows
     takes). The rest of a step is attention over the cache and the small ops between products."""
-    from model import KVCache, prefill
+    from generation import prefill
+    from model import KVCache
 
     B, P = len(prompts), max(len(p) for p in prompts)
 

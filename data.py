@@ -133,7 +133,7 @@ def generate_responses(model, tok: Tokenizer, prompts: list[str], max_new_tokens
     With `return_finished`, also whether each reply ended by itself (its end-of-turn token) rather
     than being cut off at max_new_tokens.
     """
-    from model import generate
+    from generation import generate
 
     ids = [render_prompt(tok, p, system) for p in prompts]
     batches = length_buckets([len(x) for x in ids], batch_size)

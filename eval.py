@@ -1020,7 +1020,9 @@ def build_subparser() -> argparse.ArgumentParser:
 
 
 def evaluate_cli(args) -> None:
-    from model import ModelLoadError, Transformer, best_device
+    import fast
+    from devices import best_device
+    from model import ModelLoadError, Transformer
     if args.out is None:  # every score is auditable: the records are always written
         name = Path(str(args.model)).name
         if args.adapter:
@@ -1034,7 +1036,7 @@ def evaluate_cli(args) -> None:
         check_at_least_one(n=args.n, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
         check_output_folder(args.out, "--out")
         folder = resolve_model(args.model)
-        model = Transformer.from_pretrained(folder, args.dtype, args.device or best_device())
+        model = fast.apply(Transformer.from_pretrained(folder, args.dtype, args.device or best_device()))
         tok = Tokenizer.from_folder(folder)
         if args.adapter:
             from lora import load_adapter, merge_lora

@@ -247,7 +247,9 @@ def main(argv=None):
                    help="dtype the sources were generated in (sources.py --dtype)")
     args = ap.parse_args(argv)
 
-    from model import ModelLoadError, Transformer, best_device
+    import fast
+    from devices import best_device
+    from model import ModelLoadError, Transformer
     from pretrained import resolve_model
     from tokenizer import Tokenizer
 
@@ -261,7 +263,7 @@ def main(argv=None):
             tasks.splits(args.task, n_train=args.n, seed=args.seed, **sources.question_overrides(args))
         folder = resolve_model(args.model)
         tok = Tokenizer.from_folder(folder)
-        model = Transformer.from_pretrained(folder, args.dtype, args.device or best_device())
+        model = fast.apply(Transformer.from_pretrained(folder, args.dtype, args.device or best_device()))
         results = []
         for name in args.source:
             t0 = time.time()

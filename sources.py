@@ -329,7 +329,7 @@ def default_gen(**overrides) -> dict:
         raise TypeError(f"unknown generation settings: {sorted(unknown)}")
     gen.update({k: v for k, v in overrides.items() if v is not None})
     check_at_least_one(k=gen["k"], max_new_tokens=gen["max_new_tokens"], batch_size=gen["batch_size"])
-    from model import check_sampling
+    from generation import check_sampling
     check_sampling(gen["temperature"], gen["top_p"])
     return gen
 
@@ -385,11 +385,13 @@ class ModelCache:
 
     def get(self, name: str):
         if name not in self.loaded:
-            from model import Transformer, best_device
+            import fast
+            from devices import best_device
+            from model import Transformer
             from pretrained import resolve_model
             from tokenizer import Tokenizer
             folder = resolve_model(name)
-            self.loaded[name] = (Transformer.from_pretrained(folder, self.dtype, self.device or best_device()),
+            self.loaded[name] = (fast.apply(Transformer.from_pretrained(folder, self.dtype, self.device or best_device())),
                                  Tokenizer.from_folder(folder))
         return self.loaded[name]
 

@@ -230,6 +230,7 @@ class Context:
 
 def run_source(source: str, args, ctx: Context) -> dict:
     from eval import evaluate_task
+    import fast
     from lora import LoRAConfig, count_parameters, inject_lora, load_adapter, update_ratios
     from model import Transformer
     from perplexity import dataset_perplexity
@@ -259,7 +260,7 @@ def run_source(source: str, args, ctx: Context) -> dict:
     log(f"[{source}] training set: {manifest['kept']} examples, by path {manifest['counts_by_path']}; "
         f"validation answers: {val_manifest['kept']} of {val_manifest['questions']}")
 
-    model = Transformer.from_pretrained(ctx.model_folder, args.dtype, ctx.device)
+    model = fast.apply(Transformer.from_pretrained(ctx.model_folder, args.dtype, ctx.device))
     model.gradient_checkpointing = args.grad_checkpoint
     pairs = [(r["prompt"], r["response"]) for r in records]
     rendered = [render(tok, p, r) for p, r in pairs]
@@ -406,7 +407,7 @@ def run_source(source: str, args, ctx: Context) -> dict:
     # 4. test: in-domain and the other tasks, with the best adapter
     if rank != 0:
         return {}
-    best = Transformer.from_pretrained(ctx.model_folder, args.dtype, ctx.device)
+    best = fast.apply(Transformer.from_pretrained(ctx.model_folder, args.dtype, ctx.device))
     load_adapter(best, adapter_dir)
     ratios = list(update_ratios(best).values())
     results = {"source": source, "model": args.model, "task": args.task, "run_dir": str(run_dir),
@@ -593,6 +594,7 @@ def score_tasks(model, args, ctx: Context, task_names: list[str], folder: Path, 
 def evaluate_base(args, ctx: Context) -> tuple[dict, str]:
     """The untuned model on the same test questions, once per setting (cached in the runs
     folder): the reference for forgetting. Returns (scores by task, the folder of its answers)."""
+    import fast
     from model import Transformer
     from sources import write_json_atomic
 
@@ -613,7 +615,7 @@ def evaluate_base(args, ctx: Context) -> tuple[dict, str]:
                              f"again to re-evaluate")
     missing = [t for t in eval_task_list(args) if t not in done]
     if missing:
-        model = Transformer.from_pretrained(ctx.model_folder, args.dtype, ctx.device)
+        model = fast.apply(Transformer.from_pretrained(ctx.model_folder, args.dtype, ctx.device))
         done.update(score_tasks(model, args, ctx, missing, folder, "base"))
         write_json_atomic(path, {"model": args.model, "model_folder": where, "test": done})
     return done, str(folder)
@@ -684,7 +686,7 @@ def build_parser():
 def check_args(args) -> None:
     """ValueError, naming the flag, for a value that cannot work; run before anything is built,
     evaluated or written (the base evaluation alone takes minutes)."""
-    from model import usable_device
+    from devices import usable_device
     sources.default_gen(**sources.generation_overrides(args))
     from pretrained import check_model_name
     for source in args.source:
@@ -766,7 +768,8 @@ def main(argv=None):
     if args.task not in tasks.TASKS or not tasks.has_train(args.task):
         trainable = [t for t in tasks.TASKS if tasks.has_train(t)]
         sys.exit(f"error: --task {args.task} has no training split here; train on one of {', '.join(trainable)}")
-    from model import ModelLoadError, best_device
+    from devices import best_device
+    from model import ModelLoadError
     from pretrained import resolve_model
     from tokenizer import Tokenizer
 

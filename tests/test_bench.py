@@ -10,7 +10,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
-import model as model_mod
 from data import Rendered, collate
 from model import ModelConfig, Transformer
 from perplexity import response_nll
@@ -25,16 +24,15 @@ def tiny_folder(tmp_path):
     return tmp_path
 
 
-def test_forward_flops_match_torch_flop_counter(tmp_path, monkeypatch):
+def test_forward_flops_match_torch_flop_counter(tmp_path):
     """Linear + head FLOPs equal what torch counts for the matrix products of response_nll; the
     attention count is torch's full T x T count scaled to the causal half bench.py uses."""
-    # torch's counter has no formula for oneDNN's product on a laid-out weight copy (the same
-    # products, another kernel), so the layers take F.linear here.
-    monkeypatch.setattr(model_mod.Linear, "onednn_copy_rows", {})
     folder = tiny_folder(tmp_path)
     torch.manual_seed(0)
+    # The plain model (fast.apply not called): torch's counter sees its attention matmuls (not
+    # CPU SDPA's fused kernel) and its F.linear products (it has no formula for oneDNN's product
+    # on a laid-out weight copy).
     model = Transformer(ModelConfig.from_json(folder / "config.json")).eval()
-    model.attn_impl = "math"  # torch's counter sees its matmuls (not CPU SDPA's fused kernel)
     lengths = [23, 17, 9]
     g = torch.Generator().manual_seed(1)
     items = [Rendered(torch.randint(1, 96, (n,), generator=g).tolist(), [0] * (n // 2) + [1] * (n - n // 2))
@@ -93,7 +91,7 @@ def test_step_budget_and_decode_lines_follow_the_timings():
 
 
 def test_decode_breakdown_times_the_prefill_and_every_linear(tmp_path, monkeypatch):
-    """decode_breakdown runs model.prefill on the prompts and calls every Linear (head included)
+    """decode_breakdown runs generation.prefill on the prompts and calls every Linear (head included)
     once per timed pass on a (B, 1, in) input."""
     torch.manual_seed(0)
     cfg = ModelConfig.from_json(tiny_folder(tmp_path) / "config.json")

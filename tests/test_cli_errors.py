@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 import eval as ev
-import model
+import generation
 import perplexity
 from model import ModelConfig, ModelLoadError
 from tokenizer import Tokenizer
@@ -35,10 +35,10 @@ def error_of(main, argv) -> str:
     (ev.main, ["humaneval-selfcheck", "--timeout", "nan"], "--timeout must be a finite number of seconds > 0"),
     (perplexity.main, ["--batch-size", "-1"], "--batch-size must be at least 1"),
     (perplexity.main, ["--n", "0"], "--n must be at least 1"),
-    (model.main, ["--prompt", ""], "--prompt is empty"),
-    (model.main, ["--prompt", "hi", "--max-new-tokens", "-1"], "--max-new-tokens must be at least 1"),
-    (model.main, ["--prompt", "hi", "--temperature", "nan"], "--temperature must be a finite number >= 0"),
-    (model.main, ["--prompt", "hi", "--temperature", "0.7", "--top-p", "0"], "--top-p must be in (0, 1]; got 0.0"),
+    (generation.main, ["--prompt", ""], "--prompt is empty"),
+    (generation.main, ["--prompt", "hi", "--max-new-tokens", "-1"], "--max-new-tokens must be at least 1"),
+    (generation.main, ["--prompt", "hi", "--temperature", "nan"], "--temperature must be a finite number >= 0"),
+    (generation.main, ["--prompt", "hi", "--temperature", "0.7", "--top-p", "0"], "--top-p must be in (0, 1]; got 0.0"),
 ])
 def test_bad_numbers_are_one_line_errors(main, argv, needle):
     assert needle in error_of(main, argv)

@@ -1,7 +1,7 @@
-"""Every fast path in model.py / perplexity.py gives the same answer as its plain path.
+"""Every fast path (fast.py, and generation's / perplexity.py's own) gives the same answer as its plain path.
 
 Correctness only, never speed (bench.py measures speed). The fast paths checked:
-- SDPA attention vs the textbook math path (`model.attn_impl = "math"`), plain causal, with a KV
+- SDPA attention vs the textbook math path (`fast.apply(model, False)`), plain causal, with a KV
   cache (several new tokens against cached ones) and with a left-padding mask;
 - the one-token CPU decode path (grouped_attention against the cache, no K/V copies per head)
   vs SDPA with explicitly repeated K/V, and generation's cached, left-padded, row-compacting loop
@@ -12,7 +12,7 @@ Correctness only, never speed (bench.py measures speed). The fast paths checked:
 - bf16 CPU decoding reading the whole KV cache vs in blocks of 64 positions (same tokens);
 - one sequence decoding on CPU (SDPA in fp32 over exactly the cached positions) vs the batch path,
   including a left-padded row left alone after its batch-mate stopped;
-- model.Linear's products on W's oneDNN copy (decoding steps without a gradient, fp32 2-64 rows,
+- fast.Linear's products on W's oneDNN copy (decoding steps without a gradient, fp32 2-64 rows,
   bf16 3-64), its fp32 products for one row (W as two halves) and a few rows (W @ x^T), and its
   bf16 products of 1-2 rows without oneDNN, vs F.linear, alone and through whole generations at
   batch 1, 2 and 6; when the copy is used (only batched decoding), remade and freed;
@@ -20,7 +20,7 @@ Correctness only, never speed (bench.py measures speed). The fast paths checked:
 - top-p sampling through the top-256 shortcut vs a full-sort nucleus written here, including a
   nucleus that needs more than 256 tokens;
 - response_nll's head-only-on-supervised-positions (chunked, padding dropped) vs cross entropy on
-  full padded logits; packed hidden states and LoRA gradients (model.Packing) vs the padded batch;
+  full padded logits; packed hidden states and LoRA gradients (fast.Packing) vs the padded batch;
 - bf16 perplexity vs fp32 on the real SmolLM2-135M and real GSM8K pairs (within 1%).
 """
 
@@ -28,23 +28,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model as model_mod
+import fast
+import generation
 from data import Batch, Rendered
-from model import KVCache, ModelConfig, Transformer, generate, grouped_attention, sample_next
+from generation import generate, sample_next
+from model import KVCache, ModelConfig, Transformer, grouped_attention
 from perplexity import response_nll
 
 VOCAB = 96
 
 
 def tiny_model(n_kv=2, seed=0, **kw) -> Transformer:
-    """A random 2-layer Llama with GQA (4 query heads over n_kv kv heads), fp32."""
+    """A random 2-layer Llama with GQA (4 query heads over n_kv kv heads), fp32, fast paths on."""
     cfg = ModelConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=n_kv, max_position_embeddings=256,
                       rope_theta=10000.0, **kw)
     torch.manual_seed(seed)
     m = Transformer(cfg).eval()
     m.requires_grad_(False)
-    return m
+    return fast.apply(m, True)
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["gqa", "mha"])
@@ -53,15 +55,34 @@ def tiny(request):
 
 
 def run_both(m, fn):
-    """fn() under the SDPA path and under the math path."""
-    m.attn_impl = "sdpa"
-    fast = fn()
-    m.attn_impl = "math"
+    """fn() with the fast paths (SDPA) and with the plain model (the math path)."""
+    fast.apply(m, True)
+    quick = fn()
+    fast.apply(m, False)
     try:
         slow = fn()
     finally:
-        m.attn_impl = "sdpa"
-    return fast, slow
+        fast.apply(m, True)
+    return quick, slow
+
+
+def test_apply_swaps_classes_only_and_ilb_plain_turns_it_off(monkeypatch):
+    """fast.apply swaps the classes of the model, its attention modules and its nn.Linears in
+    place: the same parameters under the same state-dict keys; on=False, or ILB_PLAIN=1 in the
+    environment, leaves the plain model.py classes."""
+    import model
+    m = tiny_model()
+    keys = {k: v.data_ptr() for k, v in m.state_dict().items()}
+    assert type(m) is fast.Transformer and type(m.lm_head) is fast.Linear
+    assert all(type(layer.self_attn) is fast.Attention for layer in m.model.layers)
+    for on, env in ((False, ""), (None, "1"), (None, "0"), (None, "")):
+        monkeypatch.setenv("ILB_PLAIN", env)
+        fast.apply(m, False)
+        assert fast.apply(m, on) is m
+        plain = on is False or env == "1"
+        assert (type(m) is model.Transformer) == plain and (type(m) is fast.Transformer) == (not plain)
+        assert {type(x) for x in m.modules() if isinstance(x, torch.nn.Linear)} == {torch.nn.Linear if plain else fast.Linear}
+        assert {k: v.data_ptr() for k, v in m.state_dict().items()} == keys
 
 
 def ids_of(shape, seed):
@@ -81,8 +102,8 @@ def close_to(out, ref, dtype) -> bool:
 @torch.no_grad()
 def test_sdpa_equals_math_causal(tiny):
     ids = ids_of((3, 37), 1)
-    fast, slow = run_both(tiny, lambda: tiny(ids))
-    assert (fast - slow).abs().max().item() <= 1e-5
+    quick, slow = run_both(tiny, lambda: tiny(ids))
+    assert (quick - slow).abs().max().item() <= 1e-5
 
 
 @torch.no_grad()
@@ -95,10 +116,10 @@ def test_sdpa_equals_math_with_kv_cache(tiny):
         cache = KVCache(tiny.cfg, 2, 20, "cpu", torch.float32)
         return torch.cat([tiny(ids[:, a:b], cache=cache) for a, b in ((0, 11), (11, 16), (16, 20))], 1)
 
-    fast, slow = run_both(tiny, chunked)
+    quick, slow = run_both(tiny, chunked)
     full = tiny(ids)
-    assert (fast - slow).abs().max().item() <= 1e-5
-    assert (fast - full).abs().max().item() <= 1e-5
+    assert (quick - slow).abs().max().item() <= 1e-5
+    assert (quick - full).abs().max().item() <= 1e-5
 
 
 @torch.no_grad()
@@ -116,12 +137,12 @@ def test_sdpa_equals_math_with_left_padding_mask(tiny):
     positions = (torch.arange(P)[None] - (P - L)[:, None]).clamp(min=0)
     mask = torch.ones(P, P, dtype=torch.bool).tril()[None, None] & valid[:, None, None, :]
     mask = mask | torch.eye(P, dtype=torch.bool)[None, None]
-    fast, slow = run_both(tiny, lambda: tiny(ids, positions, mask))
-    real = valid[:, :, None].expand_as(fast)
-    assert (fast - slow)[real].abs().max().item() <= 1e-5
+    quick, slow = run_both(tiny, lambda: tiny(ids, positions, mask))
+    real = valid[:, :, None].expand_as(quick)
+    assert (quick - slow)[real].abs().max().item() <= 1e-5
     for b, s in enumerate(seqs):
         alone = tiny(s[None])[0]
-        assert (fast[b, P - len(s):] - alone).abs().max().item() <= 1e-5
+        assert (quick[b, P - len(s):] - alone).abs().max().item() <= 1e-5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,18 +185,18 @@ def test_generate_logits_equal_recompute_from_scratch(tiny, monkeypatch):
     # a stop id that ends row 1 early (its 3rd token) while other rows go on: exercises compaction
     stop = plain[1][2]
     seen = []
-    real_sample = model_mod.sample_next
+    real_sample = generation.sample_next
 
     def spy(logits, *a, **kw):
         seen.append(logits.clone())
         return real_sample(logits, *a, **kw)
 
-    monkeypatch.setattr(model_mod, "sample_next", spy)
+    monkeypatch.setattr(generation, "sample_next", spy)
     out = generate(tiny, prompts, max_new_tokens=8, stop_ids=[stop])
     monkeypatch.undo()
     assert len(out[1]) < 8 and any(len(o) == 8 for o in out)  # rows did finish at different steps
 
-    tiny.attn_impl = "math"
+    fast.apply(tiny, False)
     try:
         active = list(range(len(prompts)))
         done = [False] * len(prompts)
@@ -190,7 +211,7 @@ def test_generate_logits_equal_recompute_from_scratch(tiny, monkeypatch):
                     done[b] = True
             active = [b for b in active if not done[b]]
     finally:
-        tiny.attn_impl = "sdpa"
+        fast.apply(tiny, True)
     # and a row's tokens do not depend on its batch-mates
     assert out == [generate(tiny, [p], max_new_tokens=8, stop_ids=[stop])[0] for p in prompts]
 
@@ -205,7 +226,7 @@ def test_grouped_prefill_equals_one_padded_call(tiny):
     caches, lasts = [], []
     for group_size in (4, len(prompts)):
         cache = KVCache(tiny.cfg, len(prompts), P + 2, "cpu", torch.float32)
-        lasts.append(model_mod.prefill(tiny, prompts, cache, group_size=group_size))
+        lasts.append(generation.prefill(tiny, prompts, cache, group_size=group_size))
         assert cache.length == P
         caches.append(cache)
     assert (lasts[0] - lasts[1]).abs().max().item() <= 1e-5
@@ -227,7 +248,7 @@ def test_block_causal_attention_equals_textbook(T, block, n_kv):
     v = torch.randn(2, n_kv, T, 8, requires_grad=True)
     go = torch.randn(2, 4, T, 8)
     grads = []
-    for fn in (lambda: model_mod.block_causal_attention(q, k, v, block=block), lambda: grouped_attention(q, k, v, None)):
+    for fn in (lambda: fast.block_causal_attention(q, k, v, block=block), lambda: grouped_attention(q, k, v, None)):
         y = fn()
         grads.append([y] + list(torch.autograd.grad(y, (q, k, v), go)))
     for a, b in zip(*grads):
@@ -246,11 +267,11 @@ def test_bf16_lora_step_block_attention_equals_sdpa(monkeypatch):
             torch.nn.init.normal_(p, std=0.1)  # B = 0 at init would make A's gradient zero
     ids = torch.randint(1, VOCAB, (3, 40), generator=torch.Generator().manual_seed(1))
     calls = []
-    real = model_mod.block_causal_attention
-    monkeypatch.setattr(model_mod, "block_causal_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = fast.block_causal_attention
+    monkeypatch.setattr(fast, "block_causal_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     results = []
     for blocks in (True, False):
-        monkeypatch.setattr(model_mod.Attention, "cpu_bf16_training_blocks", blocks)
+        monkeypatch.setattr(fast, "BF16_TRAINING_BLOCKS", blocks)
         m.zero_grad()
         loss = F.cross_entropy(m(ids[:, :-1]).float().flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
@@ -264,18 +285,18 @@ def test_bf16_lora_step_block_attention_equals_sdpa(monkeypatch):
 
 
 def spy_decoding(monkeypatch):
-    """Lists filled in as generate() runs: every KVCache.update's (rows, positions it returns,
-    positions filled once the new keys are written, the cache's max_len), and every step's
-    logits (fp32) that a token is sampled from."""
+    """Lists filled in as generate() runs: every read of the KV cache (fast.read_cache: rows,
+    positions it returns, positions filled once the new keys are written, the cache's max_len),
+    and every step's logits (fp32) that a token is sampled from."""
     reads, logits = [], []
-    real_update, real_sample = KVCache.update, model_mod.sample_next
+    real_read, real_sample = fast.read_cache, generation.sample_next
 
-    def update(self, layer, k, v):
-        out = real_update(self, layer, k, v)
-        reads.append((out[0].shape[0], out[0].shape[2], self.length + k.shape[2], self.max_len))
+    def read(cache, layer, k, v, mask):
+        out = real_read(cache, layer, k, v, mask)
+        reads.append((out[0].shape[0], out[0].shape[2], cache.length + k.shape[2], cache.max_len))
         return out
-    monkeypatch.setattr(KVCache, "update", update)
-    monkeypatch.setattr(model_mod, "sample_next", lambda lg, *a: logits.append(lg.float()) or real_sample(lg, *a))
+    monkeypatch.setattr(fast, "read_cache", read)
+    monkeypatch.setattr(generation, "sample_next", lambda lg, *a: logits.append(lg.float()) or real_sample(lg, *a))
     return reads, logits
 
 
@@ -289,7 +310,7 @@ def test_bf16_decoding_whole_cache_reads_equal_block_reads(monkeypatch):
     reads, logits = spy_decoding(monkeypatch)
     outs, steps = [], []
     for whole in (True, False):
-        m.whole_cache_reads_bf16 = whole
+        monkeypatch.setattr(fast, "WHOLE_CACHE_READS_BF16", whole)
         reads.clear()
         logits.clear()
         outs.append(generate(m, prompts, max_new_tokens=30))
@@ -308,14 +329,14 @@ def test_one_sequence_decoding_sdpa_equals_grouped_attention(dtype, monkeypatch)
     masked: every step's logits agree, as do the tokens. Alone it reads exactly S positions, in
     bf16 only up to the key limit (lowered to 40 here: whole-cache reads after it)."""
     m = tiny_model(n_kv=2, seed=7).to(dtype)
-    monkeypatch.setattr(model_mod.Attention, "one_sequence_sdpa_max_keys_bf16", 40)
+    monkeypatch.setattr(fast, "ONE_SEQUENCE_SDPA_MAX_KEYS_BF16", 40)
     g = torch.Generator().manual_seed(8)
     short, long = (torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (4, 30))
     stop = generate(m, [long], max_new_tokens=1)[0][0]
     reads, logits = spy_decoding(monkeypatch)
     outs, per_path = [], []
     for on in (True, False):
-        monkeypatch.setattr(model_mod.Attention, "cpu_one_sequence_sdpa", on)
+        monkeypatch.setattr(fast, "ONE_SEQUENCE_SDPA", on)
         reads.clear()
         logits.clear()
         outs.append(generate(m, [short, long], max_new_tokens=20, stop_ids=[stop]))
@@ -329,8 +350,8 @@ def test_one_sequence_decoding_sdpa_equals_grouped_attention(dtype, monkeypatch)
         if on and dtype == torch.bfloat16:  # both sides of the key limit were decoded
             assert {S <= 40 for _, S, _ in alone} == {True, False}
     assert outs[0] == outs[1] and len(outs[0][1]) == 0 and len(outs[0][0]) == 20
-    fast, plain = torch.stack(per_path[0]), torch.stack(per_path[1])
-    assert close_to(fast, plain, dtype)
+    quick, plain = torch.stack(per_path[0]), torch.stack(per_path[1])
+    assert close_to(quick, plain, dtype)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 16, 64, 65])
@@ -340,11 +361,11 @@ def test_linear_few_rows_equals_f_linear(rows, bias, monkeypatch):
     x @ W^T + b up to float rounding; 65 rows (outside the range) take F.linear itself, so must
     match bit for bit."""
     torch.manual_seed(rows)
-    layer = model_mod.Linear(96, 160, bias=bias)
+    layer = fast.Linear(96, 160, bias=bias)
     if bias:
         torch.nn.init.normal_(layer.bias)
     x = torch.randn(rows, 1, 96)  # a decoding step's shape: (B, 1, in)
-    monkeypatch.setattr(model_mod.Linear, "onednn_copy_rows", {})  # tested on its own below
+    monkeypatch.setattr(fast, "ONEDNN_COPY_ROWS", {})  # tested on its own below
     bmm_calls = []
     real_bmm = torch.bmm
     monkeypatch.setattr(torch, "bmm", lambda *a: bmm_calls.append(a[0].shape) or real_bmm(*a))
@@ -363,20 +384,20 @@ def test_linear_one_row_halves_keep_the_output_order():
     """The two halves are W's first and second out/2 rows: each output lands where F.linear puts
     it (a weight with one non-zero row per output shows a swap or a shuffle exactly); an odd
     out_features cannot be halved and takes F.linear, bit for bit."""
-    layer = model_mod.Linear(8, 6, bias=False)
+    layer = fast.Linear(8, 6, bias=False)
     with torch.no_grad():
         layer.weight.zero_()
         for o in range(6):
             layer.weight[o, o] = o + 1.0  # output o = (o + 1) * x[o]
     x = torch.arange(1.0, 9.0)[None, None]  # (1, 1, 8)
     assert layer(x).flatten().tolist() == [(o + 1) * (o + 1.0) for o in range(6)]
-    odd = model_mod.Linear(8, 5, bias=True)
+    odd = fast.Linear(8, 5, bias=True)
     assert torch.equal(odd(x), F.linear(x, odd.weight, odd.bias))
 
 
 def test_linear_few_rows_path_is_fp32_cpu_only():
     """bf16 products never take the transposed path (it is slower there): bit-equal to F.linear."""
-    layer = model_mod.Linear(96, 160, bias=True).to(torch.bfloat16)
+    layer = fast.Linear(96, 160, bias=True).to(torch.bfloat16)
     x = torch.randn(16, 1, 96, dtype=torch.bfloat16)
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
 
@@ -388,7 +409,7 @@ def test_linear_bf16_few_rows_without_onednn_equals_onednn(rows, monkeypatch):
     during the product (seen from inside F.linear) and back as it was afterwards, also when the
     product raises."""
     torch.manual_seed(rows)
-    layer = model_mod.Linear(96, 160, bias=True).to(torch.bfloat16)
+    layer = fast.Linear(96, 160, bias=True).to(torch.bfloat16)
     torch.nn.init.normal_(layer.bias)
     x = torch.randn(rows, 1, 96, dtype=torch.bfloat16)
     before = torch.backends.mkldnn.enabled
@@ -412,14 +433,14 @@ def test_linear_bf16_few_rows_without_onednn_equals_onednn(rows, monkeypatch):
 def test_linear_bf16_one_row_with_frozen_backend_flags(monkeypatch):
     """After torch.backends.disable_global_flags() the switch cannot be flipped: one bf16 row
     then takes oneDNN's product (bit for bit) instead of raising."""
-    layer = model_mod.Linear(96, 160, bias=False).to(torch.bfloat16)
+    layer = fast.Linear(96, 160, bias=False).to(torch.bfloat16)
     x = torch.randn(1, 1, 96, dtype=torch.bfloat16)
     monkeypatch.setattr(torch.backends, "flags_frozen", lambda: True)
     assert torch.equal(layer(x), F.linear(x, layer.weight))
 
 
 def onednn_calls(monkeypatch) -> list:
-    """Records each oneDNN product on a laid-out copy (the op model.Linear calls)."""
+    """Records each oneDNN product on a laid-out copy (the op fast.Linear calls)."""
     calls = []
     real = torch.ops.mkldnn._linear_pointwise
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda x, *a: calls.append(tuple(x.shape)) or real(x, *a))
@@ -434,7 +455,7 @@ def test_linear_onednn_copy_equals_f_linear(dtype, rows, bias, monkeypatch):
     multiplies by W's oneDNN copy: equal to F.linear up to rounding (bias included), in the
     input's shape; the copy is made once and reused by later steps."""
     torch.manual_seed(rows)
-    layer = model_mod.Linear(96, 160, bias=bias).to(dtype).requires_grad_(False)
+    layer = fast.Linear(96, 160, bias=bias).to(dtype).requires_grad_(False)
     if bias:
         torch.nn.init.normal_(layer.bias)
     x = torch.randn(rows, 1, 96).to(dtype)  # (B, 1, in): one new token per row
@@ -468,13 +489,13 @@ def test_linear_onednn_copy_only_where_it_applies(case, monkeypatch):
     shape = {"too-few-rows-fp32": (1, 1, 96), "too-few-rows-bf16": (2, 1, 96), "too-many-rows": (65, 1, 96),
              "prompt-shaped": (2, 8, 96), "2d-input": (8, 96)}.get(case, (8, 1, 96))
     with torch.inference_mode(case == "inference-mode-weights"):
-        layer = model_mod.Linear(96, 160, bias=True).to(dtype)
+        layer = fast.Linear(96, 160, bias=True).to(dtype)
     layer.requires_grad_(case in ("grad-enabled-trainable-W", "trainable-W-under-no-grad"))
     x = torch.randn(shape).to(dtype).requires_grad_(case == "input-needs-grad")
     if case == "onednn-switched-off":
         monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
     if case == "over-budget":
-        monkeypatch.setattr(model_mod.Linear, "onednn_copy_budget_bytes", model_mod._onednn_copy_bytes[0])
+        monkeypatch.setattr(fast, "ONEDNN_COPY_BUDGET_BYTES", fast._onednn_copy_bytes[0])
     calls = onednn_calls(monkeypatch)
     with torch.set_grad_enabled(case in ("grad-enabled-trainable-W", "input-needs-grad")), \
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
@@ -490,7 +511,7 @@ def test_linear_onednn_copy_only_where_it_applies(case, monkeypatch):
 
 def test_linear_onednn_copy_not_made_for_mixed_dtypes():
     """fp32 rows into a bf16 layer raise as F.linear does, without making a copy first."""
-    layer = model_mod.Linear(96, 160, bias=False).to(torch.bfloat16).requires_grad_(False)
+    layer = fast.Linear(96, 160, bias=False).to(torch.bfloat16).requires_grad_(False)
     with torch.no_grad(), pytest.raises(RuntimeError):
         layer(torch.randn(8, 1, 96))
     assert layer._onednn_copy is None
@@ -502,7 +523,7 @@ def test_linear_onednn_copy_follows_changes_to_the_weight():
     round trip fp32 -> bf16 -> fp32 with no product in between (the new storage may reuse the
     old address, and .to() does not bump the version)."""
     torch.manual_seed(0)
-    layer = model_mod.Linear(96, 160, bias=False).requires_grad_(False)
+    layer = fast.Linear(96, 160, bias=False).requires_grad_(False)
     x = torch.randn(8, 1, 96)
     copies = []
 
@@ -538,18 +559,18 @@ def test_linear_onednn_copies_count_against_the_budget_and_are_freed(monkeypatch
     import pickle
 
     gc.collect()  # earlier tests' layers give their bytes back now, not during this test
-    before = model_mod._onednn_copy_bytes[0]
-    a, b = (model_mod.Linear(96, 160, bias=False).requires_grad_(False) for _ in range(2))
-    monkeypatch.setattr(model_mod.Linear, "onednn_copy_budget_bytes", before + 160 * 96 * 4)  # room for one
+    before = fast._onednn_copy_bytes[0]
+    a, b = (fast.Linear(96, 160, bias=False).requires_grad_(False) for _ in range(2))
+    monkeypatch.setattr(fast, "ONEDNN_COPY_BUDGET_BYTES", before + 160 * 96 * 4)  # room for one
     x = torch.randn(4, 1, 96)
     with torch.no_grad():
         a(x), b(x)
     assert a._onednn_copy is not None and b._onednn_copy is None
-    assert model_mod._onednn_copy_bytes[0] == before + 160 * 96 * 4
+    assert fast._onednn_copy_bytes[0] == before + 160 * 96 * 4
     for twin in (copy.deepcopy(a), pickle.loads(pickle.dumps(a))):
         assert twin._onednn_copy is None and torch.equal(twin.weight, a.weight)
     del a
-    assert model_mod._onednn_copy_bytes[0] == before
+    assert fast._onednn_copy_bytes[0] == before
     with torch.no_grad():
         b(x)  # now there is room
     assert b._onednn_copy is not None
@@ -563,7 +584,7 @@ def test_only_batched_decoding_makes_onednn_copies(dtype):
     from perplexity import shared_prefix_nlls
 
     m = tiny_model(n_kv=2, seed=4).to(dtype)
-    linears = [mod for mod in m.modules() if isinstance(mod, model_mod.Linear)]
+    linears = [mod for mod in m.modules() if isinstance(mod, fast.Linear)]
     g = torch.Generator().manual_seed(5)
     lengths = [12, 7, 9]
     ids = torch.randint(1, VOCAB, (3, 12), generator=g)
@@ -590,13 +611,13 @@ def test_generate_same_tokens_with_and_without_few_rows_paths(monkeypatch, lengt
     m = tiny_model(n_kv=2, seed=9).to(dtype)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in lengths]
-    fast = generate(m, prompts, max_new_tokens=12)
-    monkeypatch.setattr(model_mod.Linear, "few_rows", (10**9, 0))  # an empty range
-    monkeypatch.setattr(model_mod.Linear, "one_row_halves", False)
-    monkeypatch.setattr(model_mod.Linear, "bf16_rows_without_onednn", 0)  # F.linear always
-    monkeypatch.setattr(model_mod.Linear, "onednn_copy_rows", {})
+    quick = generate(m, prompts, max_new_tokens=12)
+    monkeypatch.setattr(fast, "FEW_ROWS", (10**9, 0))  # an empty range
+    monkeypatch.setattr(fast, "ONE_ROW_HALVES", False)
+    monkeypatch.setattr(fast, "BF16_ROWS_WITHOUT_ONEDNN", 0)  # F.linear always
+    monkeypatch.setattr(fast, "ONEDNN_COPY_ROWS", {})
     plain = generate(m, prompts, max_new_tokens=12)
-    assert fast == plain and all(len(o) == 12 for o in fast)
+    assert quick == plain and all(len(o) == 12 for o in quick)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -632,11 +653,11 @@ def capture_sampling_probs(monkeypatch, logits, temperature, top_p, seed):
         captured.append(probs.clone())
         return real(probs, n, **kw)
 
-    monkeypatch.setattr(model_mod.torch, "multinomial", spy)
+    monkeypatch.setattr(generation.torch, "multinomial", spy)
     try:
         toks = sample_next(logits, temperature, top_p, torch.Generator().manual_seed(seed))
     finally:
-        monkeypatch.setattr(model_mod.torch, "multinomial", real)
+        monkeypatch.setattr(generation.torch, "multinomial", real)
     return toks, captured[0]
 
 
@@ -775,7 +796,7 @@ def test_bf16_perplexity_within_one_percent_of_fp32(smollm2_dir):
     pairs = [(e.prompt, e.answer) for e in tasks.splits("gsm8k")["train"][:8]]
     res = {}
     for dtype in ("fp32", "bf16"):
-        m = Transformer.from_pretrained(smollm2_dir, dtype)
+        m = fast.apply(Transformer.from_pretrained(smollm2_dir, dtype), True)
         res[dtype] = dataset_perplexity(m, tok, pairs, batch_size=8)
         del m
     a, b = res["bf16"], res["fp32"]
@@ -801,7 +822,7 @@ def flash_shaped_model(seed=0) -> Transformer:
     torch.manual_seed(seed)
     m = Transformer(cfg).eval()
     m.requires_grad_(False)
-    return m
+    return fast.apply(m, True)
 
 
 @cuda
@@ -816,8 +837,7 @@ def test_cuda_flash_bf16_equals_math_path_and_cpu_fp32():
     gpu = flash_shaped_model().to("cuda", torch.bfloat16)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         flash = gpu(ids.cuda()).float().cpu()
-    gpu.attn_impl = "math"
-    math_path = gpu(ids.cuda()).float().cpu()
+    math_path = fast.apply(gpu, False)(ids.cuda()).float().cpu()  # the plain model
     scale = ref.abs().max().item()
     assert (flash - math_path).abs().max().item() <= 0.02 * scale
     assert (flash - ref).abs().max().item() <= 0.03 * scale

@@ -180,7 +180,7 @@ def test_a_read_only_sources_cache_is_one_line_before_the_base_evaluation(tiny_d
     ("data", ["show", "--n-train", "0", "--source", "self"], "--n-train must be at least 1"),
     ("data", ["show", "--seed", "-2"], "--seed must be between 0"),
     ("perplexity", ["--seed", "-1"], "--seed must be between 0"),
-    ("model", ["--prompt", "hi", "--seed", str(2 ** 70)], "--seed must be between 0 and 2**63 - 1"),
+    ("generation", ["--prompt", "hi", "--seed", str(2 ** 70)], "--seed must be between 0 and 2**63 - 1"),
 ])
 def test_counts_and_seeds_out_of_bounds(module, argv, needle, tmp_path):
     import importlib
@@ -286,4 +286,5 @@ def test_non_finite_weights_are_refused_at_load_naming_the_tensor(tiny_dir, tmp_
     save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(model.ModelLoadError, match="tensor 'model.layers.1.mlp.down_proj.weight' holds NaN or Inf"):
         model.Transformer.from_pretrained(bad)
-    assert "holds NaN or Inf" in exit_line(model.main, ["--model", str(bad), "--prompt", "hi"])
+    import generation
+    assert "holds NaN or Inf" in exit_line(generation.main, ["--model", str(bad), "--prompt", "hi"])

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer as RustTokenizer
 
 import pretrained
-from model import Transformer, generate
+from generation import generate
+from model import Transformer
 from tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")

@@ -282,11 +282,11 @@ def test_minimum_change_corrects_the_models_own_prediction(monkeypatch):
 
 def test_generate_responses_tells_which_replies_were_cut_off(monkeypatch, smollm2_dir):
     import data
-    import model
+    import generation
     from tokenizer import Tokenizer
     tok = Tokenizer.from_folder(smollm2_dir)
     # generate() returns the new ids without the stop token: a full-length row never stopped
-    monkeypatch.setattr(model, "generate", lambda m, prompts, n, *a, **k: [[72] * n, [72] * (n - 1), []][:len(prompts)])
+    monkeypatch.setattr(generation, "generate", lambda m, prompts, n, *a, **k: [[72] * n, [72] * (n - 1), []][:len(prompts)])
     texts, ended = data.generate_responses(None, tok, ["a", "b", "c"], 5, batch_size=3, return_finished=True)
     assert ended == [False, True, True] and len(texts) == 3
 
