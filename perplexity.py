@@ -14,6 +14,9 @@ use them without importing this module; the names stay importable from here), wh
 how they are made fast. The result does not depend on batch size or order, up to float rounding
 (a test checks 1e-5 in fp32).
 
+`--show N` / `--html FILE` show the same per-token NLLs the sums are made of, token by token
+(tokenview.py), and which tokens make one source less familiar than another.
+
 Multiple choice (eval.py) scores each option as the reply to one question; `shared_prefix_nlls`
 runs the question once for all of its options, with the same sums.
 
@@ -160,6 +163,13 @@ def main(argv=None):
                     help="compute dtype; bf16 is faster, see the README for its distance from fp32")
     ap.add_argument("--device", default=None, help="cpu, cuda or mps (default: best available)")
     ap.add_argument("--out", default=None, help="write the JSON results here (atomically)")
+    v = ap.add_argument_group("the per-token view (tokenview.py)")
+    v.add_argument("--show", type=int, default=None, metavar="N",
+                   help="print the first N questions' responses token by token, coloured by NLL, and a "
+                        "summary of which tokens make each source unfamiliar (default: off)")
+    v.add_argument("--html", default=None, metavar="FILE",
+                   help="write the same view as one self-contained HTML page: the first --show questions "
+                        "(default 2) side by side, NLL on hover, a histogram per source (default: off)")
     g = ap.add_argument_group("the sources' generation settings (as sources.py; they pick the built set)")
     sources.add_generation_args(g)
     g.add_argument("--gen-dtype", default="bf16", choices=["fp32", "bf16", "fp16"],
@@ -171,26 +181,33 @@ def main(argv=None):
     from tokenizer import Tokenizer
 
     try:  # bad values and an unusable --out fail now, not after the measurement
-        sources.check_at_least_one(n=args.n, batch_size=args.batch_size)
+        sources.check_at_least_one(n=args.n, batch_size=args.batch_size, show=args.show)
         sources.default_gen(**sources.generation_overrides(args))
-        if args.out:
-            sources.check_output_file(args.out, "--out")
+        for path, flag in ((args.out, "--out"), (args.html, "--html")):
+            if path:
+                sources.check_output_file(path, flag)
         folder = resolve_model(args.model)
         tok = Tokenizer.from_folder(folder)
         model = Transformer.from_pretrained(folder, args.dtype, args.device or best_device())
-        results = []
+        results, records_by_source = [], {}
+        view = bool(args.show or args.html)
         for name in args.source:
             t0 = time.time()
             records = sources.get_training_set(name, args.model, args.task, n_train=args.n, seed=args.seed,
                                                dtype=args.gen_dtype, **sources.generation_overrides(args))
             r = dataset_perplexity(model, tok, [(x["prompt"], x["response"]) for x in records],
-                                   args.batch_size, progress=True)
+                                   args.batch_size, progress=True, per_token=view)
+            records_by_source[name] = records
             for e in r["per_example"]:
                 e["question"] = records[e["index"]]["question"]
             results.append({"source": name, **r, "seconds": round(time.time() - t0, 2)})
     except (ModelLoadError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(format_table(results))
+    if view:
+        import tokenview
+        tokenview.report(tok, results, records_by_source, args.show, args.html,
+                         f"Token NLL under untuned {args.model}: {args.task}, {', '.join(args.source)}")
     if args.out:
         from sources import write_json_atomic
         write_json_atomic(args.out, results)
