@@ -260,7 +260,7 @@ def summary_text(stats: dict) -> str:
 # HTML
 
 
-def histogram_svg(nlls: list[float], width: int = 300, height: int = 110) -> str:
+def histogram_svg(nlls: list[float], width: int = 440, height: int = 130) -> str:
     """Inline SVG: the share of tokens per 0.5-nat NLL bin, 12+ in the last; bars in the view's
     colours; the mean NLL as a line."""
     step, top = 0.5, 12.0
@@ -304,7 +304,7 @@ body { font-family: sans-serif; margin: 1.2em; color: #111; }
 .q { background: #f4f4f4; padding: 0.5em; border-radius: 4px; white-space: pre-wrap; }
 h3 { margin: 0 0 0.3em 0; font-size: 1em; }
 .legend span { padding: 0 0.4em; margin-right: 0.2em; font-family: monospace; }
-pre.summary { background: #fafafa; border: 1px solid #ddd; padding: 0.6em; font-size: 12px; }
+pre.summary { background: #fafafa; border: 1px solid #ddd; padding: 0.6em; font-size: 12px; white-space: pre-wrap; }
 """
 
 
