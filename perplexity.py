@@ -9,11 +9,13 @@ response and its end-of-turn token. Then
     pooled perplexity       exp(sum_i NLL_i / sum_i n_i)  (token-weighted; reported beside it)
 and the median of ppl_i.
 
-Speed: examples are sorted into length buckets (little padding), the vocabulary projection runs
-only on the supervised positions (the prompt's logits are never computed), a chunk of positions
-at a time (sized per device, see head_chunk_rows), sums stay on the
-device and each batch synchronises once, when its per-example sums are copied back. The result
-does not depend on batch size or order, up to float rounding (a test checks 1e-5 in fp32).
+The per-example sums come from nll.py (moved there so that sources.py's `familiar` source can
+use them without importing this module; the names stay importable from here), which also says
+how they are made fast. The result does not depend on batch size or order, up to float rounding
+(a test checks 1e-5 in fp32).
+
+`--show N` / `--html FILE` show the same per-token NLLs the sums are made of, token by token
+(tokenview.py), and which tokens make one source less familiar than another.
 
 Multiple choice (eval.py) scores each option as the reply to one question; `shared_prefix_nlls`
 runs the question once for all of its options, with the same sums.
@@ -31,87 +33,14 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from data import Batch, Rendered, collate, length_buckets, render
-
-
-def head_chunk_rows(device: torch.device) -> int:
-    """How many positions go through the vocabulary projection + cross entropy at once.
-
-    On a GPU, big chunks (few kernel launches). On a CPU, 128: a chunk's fp32 logits (128 x 49,152
-    x 4 B = 25 MB for SmolLM2) stay under glibc's 32 MB mmap threshold and near the cache, where
-    the 2,048 of a GPU make 400 MB tensors that every forward and backward first page-faults in
-    (measured here: a fresh 216 MB tensor fills at 5 GB/s, a reused one at 25 GB/s). The bf16
-    LoRA training step runs ~15% faster with 128 (15 s -> 12.5 s, bench.py's 16 pairs); the result
-    is the same up to float rounding (tests/test_fast_paths.py checks chunk sizes 2048 and 5).
-    """
-    return 128 if device.type == "cpu" else 2048
-
-
-def response_nll(model, batch: Batch, chunk_tokens: int | None = None):
-    """Summed NLL and target count per row: (B,) float32 and (B,) long, left on the device.
-
-    Only positions whose next token is a target go through the (large) vocabulary projection,
-    `chunk_tokens` positions at a time (default: head_chunk_rows).
-    """
-    ids, tgt = batch.input_ids, batch.target_mask  # (B, T) each
-    chunk_tokens = chunk_tokens or head_chunk_rows(ids.device)
-    pred_mask = tgt[:, 1:]  # (B, T-1): position t predicts token t+1
-    # The padding never goes through the layers (model.Packing): h holds the real positions only,
-    # row after row, and `predicts` marks which of them predict a target.
-    h = model.hidden_states(ids, lengths=batch.lengths)  # (real tokens, hidden)
-    real = torch.arange(ids.shape[1], device=ids.device)[None] < batch.lengths[:, None]  # (B, T)
-    predicts = F.pad(pred_mask, (0, 1))  # (B, T): position t predicts a target
-    hs = h[predicts[real]]  # (N, hidden), in the same row-major order as pred_mask
-    labels = ids[:, 1:][pred_mask]  # (N,)
-    return row_nll_sums(model, hs, labels, pred_mask, chunk_tokens), pred_mask.sum(1)
-
-
-def row_nll_sums(model, hs, labels, where, chunk_tokens: int):
-    """Summed -log p(label) per row (B,) fp32. `where` (B, T) bool marks the scored positions;
-    hs (N, hidden) and labels (N,) are those positions' predicting hidden states and tokens, in
-    row-major order. The vocabulary projection runs `chunk_tokens` positions at a time."""
-    nll = torch.cat([
-        F.cross_entropy(model.lm_head(hs[i:i + chunk_tokens]).float(), labels[i:i + chunk_tokens],
-                        reduction="none")
-        for i in range(0, hs.shape[0], chunk_tokens)
-    ]) if hs.shape[0] else hs.new_zeros(0, dtype=torch.float32)  # (N,)
-    rows = torch.arange(where.shape[0], device=where.device)[:, None].expand_as(where)[where]  # (N,)
-    return torch.zeros(where.shape[0], device=where.device, dtype=torch.float32).index_add_(0, rows, nll)
-
-
-@dataclass
-class ExampleNLL:
-    index: int
-    tokens: int
-    nll: float  # summed over the response tokens
-
-    @property
-    def ppl(self) -> float:
-        return math.exp(self.nll / self.tokens)
-
-
-@torch.no_grad()
-def example_nlls(model, rendered: list[Rendered], pad_id: int, batch_size: int = 16,
-                 max_tokens: int | None = 16384, progress: bool = False) -> list[ExampleNLL]:
-    """NLL of each rendered example, in input order."""
-    device = model.device
-    batches = length_buckets([len(r.ids) for r in rendered], batch_size, max_tokens)
-    out: list[ExampleNLL] = []
-    it = batches
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(batches, desc="perplexity", unit="batch", file=sys.stderr)
-    for idx in it:
-        batch = collate([rendered[i] for i in idx], pad_id).to(device)
-        nll, n = response_nll(model, batch)
-        nll, n = nll.tolist(), n.tolist()  # the one sync of this batch
-        out.extend(ExampleNLL(i, t, s) for i, t, s in zip(idx, n, nll))
-    return sorted(out, key=lambda e: e.index)
+from data import Rendered
+# The per-example NLL lives in nll.py (sources.py needs it too, and may not import this module);
+# these names stay importable from here.
+from nll import (ExampleNLL, example_nlls, head_chunk_rows, render_pairs, response_nll,  # noqa: F401
+                 response_token_nll, row_nll_sums)
 
 
 @torch.no_grad()
@@ -180,28 +109,18 @@ def summarize(nlls: list[ExampleNLL]) -> dict:
 
 
 def dataset_perplexity(model, tok, pairs: list[tuple[str, str]], batch_size: int = 16,
-                       progress: bool = False) -> dict:
+                       progress: bool = False, per_token: bool = False) -> dict:
     """Perplexity of the model on (prompt, response) pairs; see the module docstring.
 
     Returns the summary plus `per_example` (aligned with the kept pairs, with their index into
-    `pairs`) and `skipped` counts."""
+    `pairs`) and `skipped` counts. With `per_token`, each per_example entry also holds
+    `token_ids` and `token_nlls`: the scored tokens and the NLLs its `nll` is the sum of."""
     if not pairs:
         raise ValueError("no examples to measure: the training set is empty")
-    context = model.cfg.max_position_embeddings
-    kept, rendered, skipped = [], [], {"empty_response": 0, "too_long": 0}
-    for i, (prompt, response) in enumerate(pairs):
-        if not response.strip():
-            skipped["empty_response"] += 1
-            continue
-        r = render(tok, prompt, response)
-        if len(r.ids) > context:
-            skipped["too_long"] += 1
-            continue
-        kept.append(i)
-        rendered.append(r)
+    kept, rendered, skipped = render_pairs(tok, pairs, model.cfg.max_position_embeddings)
     if not rendered:
         raise ValueError(f"every example was skipped ({skipped}); nothing to measure")
-    nlls = example_nlls(model, rendered, tok.pad_id, batch_size, progress=progress)
+    nlls = example_nlls(model, rendered, tok.pad_id, batch_size, progress=progress, per_token=per_token)
     for e in nlls:
         if not math.isfinite(e.nll):
             raise FloatingPointError(f"non-finite NLL on example {kept[e.index]}; try --dtype fp32")
@@ -209,6 +128,11 @@ def dataset_perplexity(model, tok, pairs: list[tuple[str, str]], batch_size: int
     result["skipped"] = skipped
     result["per_example"] = [{"index": kept[e.index], "tokens": e.tokens, "nll": e.nll, "ppl": e.ppl}
                              for e in nlls]
+    if per_token:
+        for entry, e in zip(result["per_example"], nlls):
+            r = rendered[e.index]
+            # collate never scores position 0; the scored tokens are the rest of the mask's ones
+            entry.update(token_ids=[t for t, m in zip(r.ids[1:], r.mask[1:]) if m], token_nlls=e.token_nlls)
     return result
 
 
@@ -241,6 +165,13 @@ def main(argv=None):
                     help="compute dtype; bf16 is faster, see the README for its distance from fp32")
     ap.add_argument("--device", default=None, help="cpu, cuda or mps (default: best available)")
     ap.add_argument("--out", default=None, help="write the JSON results here (atomically)")
+    v = ap.add_argument_group("the per-token view (tokenview.py)")
+    v.add_argument("--show", type=int, default=None, metavar="N",
+                   help="print the first N questions' responses token by token, coloured by NLL, and a "
+                        "summary of which tokens make each source unfamiliar (default: off)")
+    v.add_argument("--html", default=None, metavar="FILE",
+                   help="write the same view as one self-contained HTML page: the first --show questions "
+                        "(default 2) side by side, NLL on hover, a histogram per source (default: off)")
     g = ap.add_argument_group("the sources' generation settings (as sources.py; they pick the built set)")
     sources.add_generation_args(g)
     g.add_argument("--gen-dtype", default="bf16", choices=["fp32", "bf16", "fp16"],
@@ -254,30 +185,37 @@ def main(argv=None):
     from tokenizer import Tokenizer
 
     try:  # bad values and an unusable --out fail now, not after the measurement
-        sources.check_at_least_one(n=args.n, batch_size=args.batch_size)
+        sources.check_at_least_one(n=args.n, batch_size=args.batch_size, show=args.show)
         tasks.check_seed(args.seed)
         sources.default_gen(**sources.generation_overrides(args))
-        if args.out:
-            sources.check_output_file(args.out, "--out")
+        for path, flag in ((args.out, "--out"), (args.html, "--html")):
+            if path:
+                sources.check_output_file(path, flag)
         if args.train_questions is not None:  # unmatched questions: now, not after the model loads
             tasks.splits(args.task, n_train=args.n, seed=args.seed, **sources.question_overrides(args))
         folder = resolve_model(args.model)
         tok = Tokenizer.from_folder(folder)
         model = fast.apply(Transformer.from_pretrained(folder, args.dtype, args.device or best_device()))
-        results = []
+        results, records_by_source = [], {}
+        view = bool(args.show or args.html)
         for name in args.source:
             t0 = time.time()
             records = sources.get_training_set(name, args.model, args.task, n_train=args.n, seed=args.seed,
                                                dtype=args.gen_dtype, **sources.question_overrides(args),
                                                **sources.generation_overrides(args))
             r = dataset_perplexity(model, tok, [(x["prompt"], x["response"]) for x in records],
-                                   args.batch_size, progress=True)
+                                   args.batch_size, progress=True, per_token=view)
+            records_by_source[name] = records
             for e in r["per_example"]:
                 e["question"] = records[e["index"]]["question"]
             results.append({"source": name, **r, "seconds": round(time.time() - t0, 2)})
     except (ModelLoadError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(format_table(results))
+    if view:
+        import tokenview
+        tokenview.report(tok, results, records_by_source, args.show, args.html,
+                         f"Token NLL under untuned {args.model}: {args.task}, {', '.join(args.source)}")
     if args.out:
         from sources import write_json_atomic
         write_json_atomic(args.out, results)

@@ -21,6 +21,9 @@ the responses differs (paper section 2; DESIGN.md section 1):
 |                         | not filtered unless --filter-correct; the answer is kept beside it   |
 | file:<path>             | a JSON list or JSONL of {question, answer} (the paper's released     |
 |                         | files work as they are), matched to the task's questions by text     |
+| familiar:<src>,<src>,...| per question, of the listed sources' responses whose final answer is |
+|                         | correct, the one with the lowest untuned perplexity (GRAPE, arXiv    |
+|                         | 2502.04194); none correct: the ground truth, or dropped              |
 
 "Correct" (ANSWER_RULE) is stricter than evaluation's grading: the reply must have ended by
 itself and must state its final answer (`\boxed{}`, `Final Answer:` or `####`); evaluation also
@@ -34,6 +37,20 @@ inputs that names the folder). Same inputs: the cache is reused. Changed inputs:
 Interrupted build: the records written so far (one fsync'd chunk at a time) are kept and the
 build continues from the next chunk; a chunk's samples depend only on (seed, chunk), so a
 resumed build equals an uninterrupted one.
+
+`familiar` (not in the paper; its follow-ups rank sources by familiarity, GRAPE picks per
+question): the candidates are the sets the listed sources build (cached as usual, with the same
+settings), each candidate's perplexity is the per-example value of perplexity.py (nll.py, fp32,
+response + end-of-turn token), and a candidate is correct under ANSWER_RULE: its stated final
+answer equals the gold, and a generated reply must have ended by itself, which its source's path
+label records (`*_wrong` never counts). Identical responses (the self source's ground-truth
+fallback and `human`) are measured once, so they tie exactly; a tie goes to the source listed
+first. Separator rule: a comma starts a new candidate only where a source name follows it
+(`human`, `self` or `rewrite` followed by a comma or the end, or `KIND:`), so a file path may
+hold a comma unless one of those follows it. Each record keeps which source won (`source`) and
+every candidate's path, correctness and perplexity; the manifest counts the winners. The
+scoring (one batched forward pass per distinct candidate) is not resumable: an interrupted build
+scores again, from the candidates' cached sets.
 
 Deviation from the paper: our default target model is a 135M model that rarely solves GSM8K,
 so `self` leans on rationalisation and the ground-truth fallback; the manifest counts each path
@@ -59,6 +76,7 @@ from pathlib import Path
 import tasks
 from eval import answers_match, extract_answer
 from fileio import read_json_rows
+from nll import example_nlls, render_pairs
 
 CACHE_DIR = Path(os.environ.get("ILB_SOURCES_DIR", Path(__file__).resolve().parent / "cache" / "sources"))
 DEFAULT_N_TRAIN = 32
@@ -254,16 +272,20 @@ def read_file_source(path: str) -> list[dict]:
 
 
 SOURCES_HELP = ("human, self, rewrite, teacher:MODEL, minimum-change:MODEL, step-by-step:MODEL, "
-                "paraphrase:MODEL or file:PATH")
+                "paraphrase:MODEL, file:PATH or familiar:SRC1,SRC2,... (per question the correct response "
+                "with the lowest untuned perplexity among those sources')")
 MODEL_SOURCES = ("teacher", "minimum-change", "step-by-step", "paraphrase")  # <kind>:<another model>
 
 
 def source_kind(source: str) -> tuple[str, str | None]:
     kind, _, arg = source.partition(":")
-    if kind not in ("human", "self", "rewrite", "file") + MODEL_SOURCES:
+    if kind not in ("human", "self", "rewrite", "file", "familiar") + MODEL_SOURCES:
         raise ValueError(f"unknown source '{source}' (use {SOURCES_HELP})")
-    if kind in MODEL_SOURCES + ("file",) and not arg:
-        raise ValueError(f"source '{kind}' needs an argument: {kind}:{'PATH' if kind == 'file' else 'MODEL'}")
+    if kind in MODEL_SOURCES + ("file", "familiar") and not arg:
+        raise ValueError(f"source '{kind}' needs an argument: "
+                         f"{kind}:{ {'file': 'PATH', 'familiar': 'SRC1,SRC2,...'}.get(kind, 'MODEL')}")
+    if kind == "familiar":
+        familiar_candidates(arg)  # a bad list fails here, before anything is built
     return kind, arg or None
 
 
@@ -300,6 +322,10 @@ def build_inputs(source, model, task, n_train, seed, gen, train_questions=None, 
         inputs["allow_unmatched"] = bool(allow_unmatched)
     if split != "train":  # the held-out questions a run's validation loss is measured on
         inputs["split"], inputs["n_val"] = split, n_val
+    if kind == "familiar":  # the candidates' own cache keys (file hashes included) and the rule
+        inputs["candidates"] = [{"source": c, "inputs_sha256": cache_folder(build_inputs(
+            c, model, task, n_train, seed, gen, train_questions, allow_unmatched, split, n_val)).name.rsplit("-", 1)[-1]} for c in familiar_candidates(arg)]
+        inputs["selection"] = FAMILIAR_RULE
     return inputs
 
 
@@ -504,6 +530,95 @@ def build_from_file(path: str, examples, allow_empty: bool = False) -> tuple[lis
                  "file_rows_not_in_task_first": unmatched_lines[:20]}
 
 
+# ----------------------------------------------------------------------------------------------
+# familiar:<src>,<src>,...: per question, the correct candidate the target model finds most probable
+
+
+FAMILIAR_RULE = ("per question, among the candidates whose final answer is correct (ANSWER_RULE; a "
+                 "generated reply's path label records whether it ended by itself), the one with the lowest "
+                 "untuned per-example perplexity of the target model (nll.example_nlls, fp32, response + "
+                 "end-of-turn token); identical responses are measured once, so they tie exactly; a tie goes "
+                 "to the source listed first; none correct: self_fallback (the ground truth, or dropped)")
+# A comma starts a new candidate only where a source name follows it (see the module docstring).
+_NEXT_SOURCE = re.compile(r",(?=(?:human|self|rewrite)(?:,|$)|(?:file|familiar|%s):)" % "|".join(MODEL_SOURCES))
+
+
+def familiar_candidates(arg: str) -> list[str]:
+    """The candidate sources of familiar:<arg>, checked: known kinds, none nested, no repeats, two
+    or more (one alone is more likely a path whose comma was read as a separator)."""
+    names = _NEXT_SOURCE.split(arg)
+    for name in names:
+        if name.startswith("familiar:") or name == "familiar":
+            raise ValueError(f"familiar:{arg}: a familiar source cannot list another familiar source")
+        source_kind(name)
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"familiar:{arg}: {', '.join(repeated)} listed twice")
+    if len(names) < 2:
+        raise ValueError(f"familiar:{arg}: needs two or more sources, separated by commas "
+                         f"(e.g. familiar:human,self); a comma inside a file path is kept unless a source "
+                         f"name follows it")
+    return names
+
+
+def candidate_correct(record: dict, task: str) -> bool:
+    """ANSWER_RULE for a built record: its stated final answer (not merely its last number) equals
+    the gold. Whether a generated reply ended by itself is not in its text; its source checked
+    that and labelled a failure `<kind>_wrong`."""
+    if record.get("response") is None or record["path"].endswith("_wrong"):
+        return False
+    return answers_match(extract_answer(record["response"], task, last_number=False), record["gold"], task)
+
+
+def build_familiar(arg, examples, model, task, n_train, seed, dtype, device, progress, gen,
+                   gen_overrides) -> tuple[list[dict], dict]:
+    names = familiar_candidates(arg)
+    sets, about = [], []
+    for name in names:  # each candidate set is built (or read) like any other, with the same settings
+        records, manifest = build(name, model, task, n_train, seed, dtype, device, progress, **gen_overrides)
+        sets.append({r["id"]: r for r in records})
+        about.append({"source": name, "inputs_sha256": manifest["inputs_sha256"], "kept": manifest["kept"],
+                      "counts_by_path": manifest["counts_by_path"]})
+    # Every distinct (question, response) once: identical candidates tie exactly, and the forward
+    # passes are not repeated.
+    texts = {}
+    for e in examples:
+        for s in sets:
+            r = s.get(e.id)
+            if r is not None:
+                texts.setdefault((e.id, r["response"]), e.prompt)
+    keys = list(texts)
+    target, tok = ModelCache("fp32", device).get(model)
+    t0 = time.time()
+    kept, rendered, skipped = render_pairs(tok, [(texts[k], k[1]) for k in keys], target.cfg.max_position_embeddings)
+    ppl = {keys[kept[x.index]]: (x.ppl, x.tokens)
+           for x in example_nlls(target, rendered, tok.pad_id, progress=progress)}
+    out, chosen = [], {}
+    for e in examples:
+        cands = []
+        for name, s in zip(names, sets):
+            r = s.get(e.id)
+            p, n = ppl.get((e.id, r["response"]), (None, None)) if r else (None, None)
+            cands.append({"source": name, "path": r["path"] if r else "dropped",
+                          "correct": r is not None and candidate_correct(r, task), "ppl": p, "tokens": n})
+        # min() keeps the first of equal keys: a tie goes to the source listed first. A candidate
+        # with no perplexity (longer than the model's context) cannot be compared, so never wins.
+        best = min((c for c in cands if c["correct"] and c["ppl"] is not None), key=lambda c: c["ppl"],
+                   default=None)
+        record = {"id": e.id, "question": e.question, "prompt": e.prompt, "gold": e.gold, "candidates": cands}
+        if best is not None:
+            chosen[best["source"]] = chosen.get(best["source"], 0) + 1
+            record.update(response=sets[names.index(best["source"])][e.id]["response"], source=best["source"],
+                          path=f"chose:{best['source']}")
+        elif gen["self_fallback"] == "ground_truth":
+            record.update(response=e.answer, source=None, path="ground_truth")
+        else:
+            record.update(response=None, source=None, path="dropped")
+        out.append(record)
+    return out, {"candidates": about, "chosen_by_source": chosen, "candidate_responses_scored": len(rendered),
+                 "candidate_responses_skipped": skipped, "scoring_seconds": round(time.time() - t0, 1)}
+
+
 def get_training_set(source: str, model: str = "smollm2-135m-instruct", task: str = "gsm8k",
                      n_train: int | None = None, seed: int = 0, dtype: str = "bf16",
                      device: str | None = None, progress: bool = True, **gen_overrides) -> list[dict]:
@@ -547,6 +662,11 @@ def build(source, model="smollm2-135m-instruct", task="gsm8k", n_train=None, see
         extra = {}
         if kind == "file":
             all_records, extra = build_from_file(arg, examples, allow_empty=split == "val")
+        elif kind == "familiar":  # the candidates are built on the same questions, with the same settings
+            all_records, extra = build_familiar(arg, examples, model, task, n_train, seed, dtype, device, progress,
+                                                gen, {**gen_overrides, "train_questions": train_questions,
+                                                      "allow_unmatched": allow_unmatched, "split": split,
+                                                      "n_val": n_val})
         else:
             partial = folder / "data.partial.jsonl"
             done = read_partial(partial)
