@@ -488,6 +488,7 @@ def human_reference_perplexity(model, tok, records, ppl, args) -> dict:
     diff, lo, hi = stats.paired_difference(src, ref)
     return {"n": h["n"], "mean_ppl": h["mean_ppl"], "pooled_ppl": h["pooled_ppl"], "median_ppl": h["median_ppl"],
             "difference": diff, "ci_low": lo, "ci_high": hi, "source_lower": sum(a < b for a, b in zip(src, ref)),
+            "same_text": sum(by_id[e["id"]]["response"] == records[e["index"]]["response"] for e in measured),
             "per_example": [{"id": measured[i]["id"], "ppl": mine[i]} for i in sorted(mine)]}
 
 
@@ -844,7 +845,8 @@ def familiarity_line(r: dict) -> str:
     h = r["perplexity_human"]
     gap = (f"{r['source']} {r['perplexity']['mean_ppl']:.3f} vs human {h['mean_ppl']:.3f} on the same {h['n']} "
            f"questions, paired difference {h['difference']:+.3f} [{h['ci_low']:+.3f}, {h['ci_high']:+.3f}], "
-           f"{r['source']} lower on {h['source_lower']} of {h['n']}")
+           f"{r['source']} lower on {h['source_lower']} of {h['n']}"
+           + (f", the very human text on {h['same_text']}" if h.get("same_text") else ""))
     if h["ci_high"] < 0:
         meaning = (f"the untuned model finds {r['source']}'s answers more familiar than the human ones, which the "
                    f"paper says makes them easier to learn from")

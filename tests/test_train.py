@@ -536,4 +536,4 @@ def test_train_questions_pair_the_sources_and_report_validation_and_familiarity(
     assert metrics[0]["epoch"] == 0 and metrics[0]["val_loss"] == pytest.approx(mine["validation_loss"]["before"])
     h = mine["perplexity_human"]
     assert h["n"] == 4 and h["mean_ppl"] == pytest.approx(human["perplexity"]["mean_ppl"], rel=1e-5)
-    assert "perplexity_human" not in human
+    assert h["same_text"] == 0 and "perplexity_human" not in human  # the file never copies the human text
