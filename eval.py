@@ -829,6 +829,7 @@ def compare_runs(run_paths: Sequence[str]) -> dict:
     human = next((r for r in runs if r["source"] == "human"), None)
     base_dir = next((r.get("base_dir") for r in runs if r.get("base_dir")), None)
     base = {t: load_answers(base_dir, t) for t in task_names}
+    human_answers = {t: load_answers(human["run_dir"], t) for t in task_names} if human else {}
     sources_out = []
     for r in runs:
         ppl_file = Path(r["run_dir"]) / "perplexity.json"
@@ -847,16 +848,14 @@ def compare_runs(run_paths: Sequence[str]) -> dict:
                 if base[t] is not None:
                     cell["vs_untuned"] = paired_accuracy(mine, base[t])
                     cell["gold_loglik_vs_untuned"] = paired_gold_loglik(mine, base[t])
-                theirs = load_answers(human["run_dir"], t) if human and human is not r else None
-                if theirs is not None:
-                    cell["vs_human"] = paired_accuracy(mine, theirs)
+                if human is not r and human_answers.get(t) is not None:
+                    cell["vs_human"] = paired_accuracy(mine, human_answers[t])
             entry["tasks"][t] = cell
         sources_out.append(entry)
     with_change = [e for e in sources_out if (e["tasks"].get(in_domain) or {}).get("vs_untuned")]
-    corr = stats.permutation_test([e["ppl_mean"] for e in with_change],
-                                  [e["tasks"][in_domain]["vs_untuned"]["difference"] for e in with_change])
-    corr["spearman"] = spearman([e["ppl_mean"] for e in with_change],
-                                [e["tasks"][in_domain]["vs_untuned"]["difference"] for e in with_change])
+    ppls = [e["ppl_mean"] for e in with_change]
+    changes = [e["tasks"][in_domain]["vs_untuned"]["difference"] for e in with_change]
+    corr = {**stats.permutation_test(ppls, changes), "spearman": spearman(ppls, changes)}
     untuned = {t: {"accuracy": sum(x["correct"] for x in base[t].values()) / len(base[t]), "n": len(base[t])}
                for t in task_names if base[t]}
     return {"model": runs[0]["model"], "task": in_domain, "tasks": task_names, "runs": [str(p) for p in run_paths],

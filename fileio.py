@@ -11,17 +11,24 @@ import json
 from pathlib import Path
 
 
-def read_json_rows(path, what: str) -> tuple[list[tuple[int, dict]], str]:
+def check_input_file(path, label: str) -> None:
+    """A folder or a missing file given where a JSON/JSONL file goes: one line naming the flag or
+    source (`label`, e.g. "--train-questions", "file source")."""
+    if Path(path).is_dir():
+        raise ValueError(f"{label} {path} is a folder; give the JSON or JSONL file in it")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{label} {path} does not exist")
+
+
+def read_json_rows(path, what: str, label: str) -> tuple[list[tuple[int, dict]], str]:
     """The objects of a JSON list or a JSONL file, each with its number, and what that number
     counts: "item" (of a JSON list) or "line" (of a JSONL file), for messages about a row.
 
-    `what` says what the file should hold, for the error messages ("{question, answer}").
+    `what` says what the file should hold, for the error messages ("{question, answer}"); `label`
+    names where the file was given (check_input_file).
     """
+    check_input_file(path, label)
     p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"{path} is a folder; give the JSON or JSONL file in it")
-    if not p.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

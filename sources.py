@@ -75,7 +75,7 @@ from pathlib import Path
 
 import tasks
 from eval import answers_match, extract_answer
-from fileio import read_json_rows
+from fileio import check_input_file, read_json_rows
 from nll import example_nlls, render_pairs
 
 CACHE_DIR = Path(os.environ.get("ILB_SOURCES_DIR", Path(__file__).resolve().parent / "cache" / "sources"))
@@ -252,8 +252,7 @@ def append_records(path: Path, records: list[dict]) -> None:
 
 def read_file_source(path: str) -> list[dict]:
     """A JSON list, or JSONL, of objects with a question and an answer; errors name the line."""
-    check_file_source(path)
-    numbered, where = read_json_rows(path, "{question, answer}")
+    numbered, where = read_json_rows(path, "{question, answer}", "file source")
     out = []
     for n, row in numbered:
         q = row.get("question", row.get("input"))
@@ -289,15 +288,8 @@ def source_kind(source: str) -> tuple[str, str | None]:
     return kind, arg or None
 
 
-def check_file_source(path: str, what: str = "file source") -> None:
-    if Path(path).is_dir():
-        raise ValueError(f"{what} {path} is a folder; give the JSON or JSONL file in it")
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
-
-
 def file_fingerprint(path: str, what: str = "file source") -> str:
-    check_file_source(path, what)
+    check_input_file(path, what)
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 

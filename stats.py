@@ -20,6 +20,7 @@ Nothing here imports the rest of the project.
 from __future__ import annotations
 
 import math
+from itertools import permutations
 from typing import Sequence
 
 import numpy as np
@@ -85,7 +86,6 @@ def permutation_test(x: Sequence[float], y: Sequence[float], n_perm: int = N_BOO
         return {"r": r, "p": float("nan"), "n": n}
     yv = np.asarray(y, dtype=np.float64)
     if n <= 7:
-        from itertools import permutations
         rs = [pearson(x, yv[list(p)]) for p in permutations(range(n))]
         p = sum(abs(v) >= abs(r) - 1e-12 for v in rs) / len(rs)
     else:

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from sources import write_json_atomic
+from sources import write_json_atomic, write_jsonl_atomic
+from train import git_commit
 
 ROOT = Path(__file__).resolve().parent
 
@@ -77,14 +78,6 @@ def train_command(study: dict, source: str, paper_data: Path, work: Path, extra:
             *study["train"], *extra, "--runs-dir", str(work / "runs"), "--run-name", run_name(source), "--resume"]
 
 
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
@@ -101,9 +94,7 @@ def export_answers(run_dirs: dict[str, Path], out: Path) -> int:
                 rows.append({"question_id": qid, "task": task, "source": source, "output": r.get("output"),
                              "extracted": r.get("extracted"), "gold": r.get("gold"), "correct": r["correct"],
                              "gold_loglik": gold_loglik(r)})
-    tmp = out / ".answers.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    os.replace(tmp, out / "answers.jsonl")
+    write_jsonl_atomic(out / "answers.jsonl", rows)
     return len(rows)
 
 

@@ -388,10 +388,7 @@ def training_pool(task: str) -> list[Example]:
 def read_question_file(path) -> list[str]:
     """The `question` of every object of a JSON list or JSONL file (the paper's released files
     are such lists), in file order."""
-    try:
-        numbered, where = read_json_rows(path, "{question}")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--train-questions {path} does not exist") from None
+    numbered, where = read_json_rows(path, "{question}", "--train-questions")
     questions = []
     for n, row in numbered:
         if not isinstance(row.get("question"), str) or not row["question"].strip():

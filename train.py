@@ -726,8 +726,6 @@ def check_args(args) -> None:
     unknown = [t for t in args.eval_tasks if t not in tasks.TASKS]
     if unknown:
         raise ValueError(f"--eval-tasks: unknown {', '.join(unknown)} (use {', '.join(tasks.TASKS)})")
-    if args.train_questions is not None:
-        sources.check_file_source(args.train_questions, "--train-questions")
     if args.task in tasks.TASKS and tasks.has_train(args.task):  # sizes that fit, questions that match
         chosen = tasks.splits(args.task, n_train=args.n_train, n_val=args.n_val, seed=args.seed,
                               **sources.question_overrides(args))
