@@ -49,7 +49,8 @@ STUDIES = {
     # Study 1: the familiarity effect on the packaged 135M model, on this CPU. The training
     # setting is the CPU sweep's (docs/sweep/README.md).
     "study1": dict(model="smollm2-135m-instruct", sources=["human", "paper:gpt4", "paper:claude",
-                                                            "paper:minimum-change", "rewrite", "self"],
+                                                            "paper:minimum-change", "rewrite", "self",
+                                                            "familiar:human,paper:gpt4,paper:claude,self"],
                    train=["--n-train", "500", "--n-val", "50", "--n-test", "500", "--epochs", "3",
                           "--lr", "3e-3", "--batch-size", "8", "--micro-batch", "8", "--dtype", "bf16",
                           "--eval-tasks", "gsm8k", "csqa", "piqa", "boolq", "mmlu"]),
@@ -62,14 +63,18 @@ STUDIES = {
 
 
 def source_arg(source: str, paper_data: Path) -> str:
-    """train.py's --source for a study source: paper:<name> is the paper's file, as file:PATH."""
+    """train.py's --source for a study source: paper:<name> is the paper's file, as file:PATH;
+    familiar:A,B,... maps each of its candidates the same way (issue 21 section 3)."""
+    if source.startswith("familiar:"):
+        return "familiar:" + ",".join(source_arg(c, paper_data) for c in source.split(":", 1)[1].split(","))
     if source.startswith("paper:"):
         return f"file:{paper_data / PAPER_FILES[source.split(':', 1)[1]]}"
     return source
 
 
 def run_name(source: str) -> str:
-    return source.replace(":", "-")
+    """The run folder's name: the source with ':' as '-'; a familiar list is just "familiar"."""
+    return "familiar" if source.startswith("familiar:") else source.replace(":", "-")
 
 
 def train_command(study: dict, source: str, paper_data: Path, work: Path, extra: list[str]) -> list[str]:

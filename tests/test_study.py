@@ -2,6 +2,7 @@
 again, and refuses a folder without the paper's files."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +51,12 @@ def test_a_tiny_study_runs_exports_and_resumes(tiny_model_dir, paper_dir, tmp_pa
 def test_a_folder_without_the_paper_files_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match="no groundtruth.json.*clone"):
         study.main(["run", "study1", "--paper-data", str(tmp_path), "--work", str(tmp_path / "w")])
+
+
+def test_a_familiar_list_maps_each_paper_candidate_to_its_file():
+    paper = Path("/clone/dataset/GSM8K")
+    assert study.source_arg("familiar:human,paper:gpt4,paper:claude,self", paper) == (
+        "familiar:human,file:/clone/dataset/GSM8K/openai_gpt4_data.json,"
+        "file:/clone/dataset/GSM8K/anthropic_Claud.json,self")
+    assert study.run_name("familiar:human,paper:gpt4,paper:claude,self") == "familiar"
+    assert study.run_name("paper:minimum-change") == "paper-minimum-change"
