@@ -92,6 +92,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fileio import check_output_file, write_json_atomic
+
 ROOT = Path(__file__).resolve().parent
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ROW_NAMES = {"ppl": "perplexity forward", "train": "LoRA train step"}
@@ -510,9 +512,7 @@ def run_job_subprocess(spec: dict) -> dict:
 def worker_main(spec_path: str):
     spec = json.loads(Path(spec_path).read_text())
     result = run_job(spec)
-    tmp = spec["result"] + ".tmp"
-    Path(tmp).write_text(json.dumps(result))
-    os.replace(tmp, spec["result"])
+    write_json_atomic(spec["result"], result)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -659,7 +659,6 @@ def main(argv=None):
         sys.exit(f"error: --threads must be >= 0 (0 = torch's default) and --matmul-n at least 1; "
                  f"got {args.threads} and {args.matmul_n}")
     if args.out:  # checked now, not after the measurements
-        from sources import check_output_file
         try:
             check_output_file(args.out, "--out")
         except ValueError as e:
@@ -737,9 +736,7 @@ def main(argv=None):
             r.pop("output", None)
         payload = {"machine": info, "args": vars(args), "matmul_peak_flops": peaks,
                    "results": results, "ratios": ratios, "agreement": checks}
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload, indent=1))
-        os.replace(tmp, args.out)
+        write_json_atomic(args.out, payload)
         print(f"wrote {args.out}")
 
 

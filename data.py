@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fileio import check_at_least_one, progress_bar
 from tokenizer import Tokenizer
 
 
@@ -139,11 +140,7 @@ def generate_responses(model, tok: Tokenizer, prompts: list[str], max_new_tokens
     batches = length_buckets([len(x) for x in ids], batch_size)
     out: list[str | None] = [None] * len(prompts)
     finished: list[bool | None] = [None] * len(prompts)
-    it = batches
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(batches, desc="generate", unit="batch", file=sys.stderr)
-    for k, idx in enumerate(it):
+    for k, idx in enumerate(progress_bar(batches, "generate", "batch", progress)):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + k)
         new = generate(model, [ids[i] for i in idx], max_new_tokens, temperature, top_p, gen,
                        stop_ids=tok.stop_ids, pad_id=tok.pad_id)
@@ -192,7 +189,7 @@ def main(argv=None):
     try:
         import sources
         import tasks
-        sources.check_at_least_one(n=args.n, n_train=args.n_train)
+        check_at_least_one(n=args.n, n_train=args.n_train)
         tasks.check_seed(args.seed)
         tok = Tokenizer.from_folder(resolve_model(args.model))
         if args.task in tasks.TASKS and not tasks.has_train(args.task):

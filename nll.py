@@ -23,13 +23,13 @@ batch size or order, up to float rounding (a test checks 1e-5 in fp32).
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from data import Batch, Rendered, collate, length_buckets, render
+from fileio import progress_bar
 
 
 def head_chunk_rows(device: torch.device) -> int:
@@ -116,11 +116,7 @@ def example_nlls(model, rendered: list[Rendered], pad_id: int, batch_size: int =
     device = model.device
     batches = length_buckets([len(r.ids) for r in rendered], batch_size, max_tokens)
     out: list[ExampleNLL] = []
-    it = batches
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(batches, desc="perplexity", unit="batch", file=sys.stderr)
-    for idx in it:
+    for idx in progress_bar(batches, "perplexity", "batch", progress):
         batch = collate([rendered[i] for i in idx], pad_id).to(device)
         tok_nll, where = response_token_nll(model, batch)
         nll, n = row_sums(tok_nll, where).tolist(), where.sum(1).tolist()  # the one sync of this batch

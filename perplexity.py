@@ -37,6 +37,7 @@ import time
 import torch
 
 from data import Rendered
+from fileio import check_at_least_one, check_output_file, write_json_atomic
 # The per-example NLL lives in nll.py (sources.py needs it too, and may not import this module);
 # these names stay importable from here.
 from nll import (ExampleNLL, example_nlls, head_chunk_rows, render_pairs, response_nll,  # noqa: F401
@@ -185,12 +186,12 @@ def main(argv=None):
     from tokenizer import Tokenizer
 
     try:  # bad values and an unusable --out fail now, not after the measurement
-        sources.check_at_least_one(n=args.n, batch_size=args.batch_size, show=args.show)
+        check_at_least_one(n=args.n, batch_size=args.batch_size, show=args.show)
         tasks.check_seed(args.seed)
         sources.default_gen(**sources.generation_overrides(args))
         for path, flag in ((args.out, "--out"), (args.html, "--html")):
             if path:
-                sources.check_output_file(path, flag)
+                check_output_file(path, flag)
         if args.train_questions is not None:  # unmatched questions: now, not after the model loads
             tasks.splits(args.task, n_train=args.n, seed=args.seed, **sources.question_overrides(args))
         folder = resolve_model(args.model)
@@ -217,7 +218,6 @@ def main(argv=None):
         tokenview.report(tok, results, records_by_source, args.show, args.html,
                          f"Token NLL under untuned {args.model}: {args.task}, {', '.join(args.source)}")
     if args.out:
-        from sources import write_json_atomic
         write_json_atomic(args.out, results)
         print(f"wrote {args.out}")
 

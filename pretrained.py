@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -53,6 +52,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from fileio import package_file
 
 PACKAGED = {
     "smollm2-135m-instruct": {
@@ -76,17 +77,6 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
 
 def cache_root() -> Path:
     return Path(os.environ.get("ILB_CACHE", Path.home() / ".cache" / "ilearnbetter")) / "models"
-
-
-def package_file(package: str, relpath: str, pip: str) -> Path:
-    """A file inside an installed package, found without importing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package '{package}' is not installed; install it with: {pip}")
-    path = Path(list(spec.submodule_search_locations)[0]) / relpath
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from package '{package}'; reinstall it with: {pip}")
-    return path
 
 
 def check_model_name(name_or_dir: str | os.PathLike) -> None:

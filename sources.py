@@ -62,20 +62,18 @@ CLI: python sources.py --source self --task gsm8k --n-train 128
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import tasks
 from eval import answers_match, extract_answer
-from fileio import check_input_file, read_json_rows
+from fileio import (append_records, check_at_least_one, check_input_file, check_output_folder, exclusive_lock,
+                    progress_bar, read_json_rows, write_json_atomic, write_jsonl_atomic)
 from nll import example_nlls, render_pairs
 
 CACHE_DIR = Path(os.environ.get("ILB_SOURCES_DIR", Path(__file__).resolve().parent / "cache" / "sources"))
@@ -114,97 +112,7 @@ MINIMUM_CHANGE_TEMPLATE = (
 
 
 # ----------------------------------------------------------------------------------------------
-# Files: atomic writes, the resumable JSONL
-
-
-def write_json_atomic(path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)  # no stray temp file beside the target
-        raise
-
-
-def check_output_folder(path, flag: str) -> None:
-    """ValueError, before the work whose results go there, if `path` cannot become a folder we
-    write into: a file in the way, or the nearest existing folder not writable."""
-    wanted = Path(path)
-    for p in [wanted, *wanted.parents]:
-        if p.exists():
-            if not p.is_dir():
-                raise ValueError(f"{flag} {path}: {p} is a file, not a folder; pick another {flag}")
-            if not os.access(p, os.W_OK):
-                raise ValueError(f"{flag} {path}: cannot write into {p}; pick another {flag}")
-            return
-
-
-def check_output_file(path, flag: str) -> None:
-    """check_output_folder for the file's folder, and the file itself must not be a folder."""
-    if Path(path).is_dir():
-        raise ValueError(f"{flag} {path} is a folder; give a file name, e.g. {Path(path) / 'results.json'}")
-    check_output_folder(Path(path).parent, flag)
-
-
-def check_at_least_one(**flags) -> None:
-    """ValueError naming the first flag (given as its dest name) whose value is below 1; None
-    stands for the flag's default and passes."""
-    for dest, value in flags.items():
-        if value is not None and value < 1:
-            raise ValueError(f"--{dest.replace('_', '-')} must be at least 1; got {value}")
-
-
-@contextlib.contextmanager
-def exclusive_lock(path, what: str, wait: bool = False):
-    """Hold an exclusive lock file at `path` for the block; the file names the holder's PID.
-
-    flock, not a file that merely exists: the kernel drops the lock when its holder dies, however
-    it dies, so a lock left by a killed process is simply taken over. Taken (wait=False): a
-    ValueError naming the holder; wait=True: one line on stderr, then wait for it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            if not wait:
-                os.close(fd)
-                raise ValueError(f"{what} is in use by process {holder} (lock {path}); wait for it to "
-                                 f"finish, or stop it") from None
-            print(f"waiting for process {holder}, which holds {path} ({what})", file=sys.stderr, flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        try:  # the holder before us unlinks the file as it leaves: lock the file that is there now
-            current = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            current = False
-        if current:
-            break
-        os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        path.unlink(missing_ok=True)  # still held: nobody can have locked this file meanwhile
-        os.close(fd)
-
-
-def write_jsonl_atomic(path, rows: list[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    append_records(tmp, rows)
-    os.replace(tmp, path)
+# The resumable JSONL
 
 
 def read_partial(path: Path) -> list[dict]:
@@ -236,14 +144,6 @@ def read_partial(path: Path) -> list[dict]:
         with open(path, "r+b") as f:
             f.truncate(len(good))
     return records
-
-
-def append_records(path: Path, records: list[dict]) -> None:
-    with open(path, "a") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -665,11 +565,8 @@ def build(source, model="smollm2-135m-instruct", task="gsm8k", n_train=None, see
             done_ids = {r["id"] for r in done}
             models = ModelCache(dtype, device)
             chunks = [examples[i:i + CHUNK] for i in range(0, len(examples), CHUNK)]
-            iterator = enumerate(chunks)
-            if progress:
-                from tqdm import tqdm
-                iterator = tqdm(iterator, total=len(chunks), desc=f"build {source}", unit="chunk", file=sys.stderr)
-            for chunk_no, chunk in iterator:
+            for chunk_no, chunk in progress_bar(enumerate(chunks), f"build {source}", "chunk", progress,
+                                                total=len(chunks)):
                 if all(e.id in done_ids for e in chunk):
                     continue  # built before an interruption
                 # only the questions not yet on file: a kill mid-chunk leaves some of its lines behind

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from sources import write_json_atomic, write_jsonl_atomic
+from fileio import write_json_atomic, write_jsonl_atomic
 from train import git_commit
 
 ROOT = Path(__file__).resolve().parent

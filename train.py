@@ -51,6 +51,8 @@ import torch.distributed as dist
 import sources
 import stats
 from data import Batch, collate, length_buckets, render
+from fileio import (append_records, check_at_least_one, check_output_folder, exclusive_lock, progress_bar,
+                    replacing_folder, write_json_atomic, write_jsonl_atomic)
 
 PRESETS = {
     # The paper: 1000 examples, LoRA q/v r8 alpha16, effective batch 30, cosine, lr 5e-5..2e-4,
@@ -187,7 +189,7 @@ def keep_metrics_up_to(path: Path, epoch: int) -> None:
         return
     complete = path.read_text().split("\n")[:-1]  # (the text after the last newline is torn)
     rows = [json.loads(line) for line in complete if line.strip()]
-    sources.write_jsonl_atomic(path, [r for r in rows if r["epoch"] <= epoch])
+    write_jsonl_atomic(path, [r for r in rows if r["epoch"] <= epoch])
 
 
 def lock_path(run_dir: Path) -> Path:
@@ -198,19 +200,10 @@ def lock_path(run_dir: Path) -> Path:
 def save_checkpoint(folder: Path, model, optimizer, scaler, state: dict, lora_cfg, model_name):
     """The last finished epoch: adapter + optimiser + loop state, swapped in atomically."""
     from lora import save_adapter
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_adapter(model, tmp / "adapter", lora_cfg, model_name)
-    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                "rng_torch": torch.get_rng_state(), **state}, tmp / "trainer.pt")
-    if folder.exists():
-        old = folder.with_name(folder.name + ".old")
-        os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, folder)
+    with replacing_folder(folder) as tmp:
+        save_adapter(model, tmp / "adapter", lora_cfg, model_name)
+        torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                    "rng_torch": torch.get_rng_state(), **state}, tmp / "trainer.pt")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,7 +227,6 @@ def run_source(source: str, args, ctx: Context) -> dict:
     from lora import LoRAConfig, count_parameters, inject_lora, load_adapter, update_ratios
     from model import Transformer
     from perplexity import dataset_perplexity
-    from sources import append_records, write_json_atomic
     import tasks
 
     rank, world, tok = ctx.rank, ctx.world, ctx.tok
@@ -353,12 +345,10 @@ def run_source(source: str, args, ctx: Context) -> dict:
         append_records(metrics_path, [{"epoch": 0, "step": 0,
                                        "val_loss": state["val_before"] and state["val_before"]["loss"]}])
 
-    from tqdm import tqdm
     for epoch in range(state["epoch"], args.epochs):
         model.train()
         steps = epoch_steps(len(rendered), args.batch_size, args.seed, epoch)
-        bar = tqdm(steps, desc=f"[{source}] epoch {epoch + 1}/{args.epochs}", unit="step",
-                   disable=rank != 0, file=sys.stderr)
+        bar = progress_bar(steps, f"[{source}] epoch {epoch + 1}/{args.epochs}", "step", rank == 0)
         epoch_loss, epoch_tokens, seq_tokens, t0 = 0.0, 0, 0, time.time()
         for step_examples in bar:
             lr = lr_at(state["step"], total_steps, warmup, args.lr)
@@ -597,8 +587,6 @@ def evaluate_base(args, ctx: Context) -> tuple[dict, str]:
     folder): the reference for forgetting. Returns (scores by task, the folder of its answers)."""
     import fast
     from model import Transformer
-    from sources import write_json_atomic
-
     # the folder's name and a hash of its full path: two models in folders of the same name
     # (a/model, b/model) must not share one baseline
     where = str(Path(ctx.model_folder).resolve())
@@ -696,10 +684,10 @@ def check_args(args) -> None:
             check_model_name(arg)  # a teacher that does not exist: now, not after the first source trained
         if kind == "file":
             sources.file_fingerprint(arg)
-    sources.check_at_least_one(**{flag: getattr(args, flag) for flag in (  # n_test None: the whole test set
+    check_at_least_one(**{flag: getattr(args, flag) for flag in (  # n_test None: the whole test set
         "n_train", "n_val", "n_test", "epochs", "batch_size", "micro_batch", "eval_batch_size", "max_seq_len",
         "lora_r")})
-    sources.check_output_folder(args.runs_dir, "--runs-dir")
+    check_output_folder(args.runs_dir, "--runs-dir")
     if args.resume and args.overwrite:
         raise ValueError("--resume continues a run and --overwrite replaces it; pass one of them")
     if args.run_name is not None:
@@ -782,7 +770,7 @@ def main(argv=None):
     try:
         for source in args.source:  # a run folder clash is an error now, not after hours of work
             if rank == 0:  # one train.py per run folder: two would mix metrics and checkpoints
-                held.enter_context(sources.exclusive_lock(lock_path(run_folder(source, args)),
+                held.enter_context(exclusive_lock(lock_path(run_folder(source, args)),
                                                           f"run folder {run_folder(source, args)}"))
             plan_run_folder(run_folder(source, args), source, args)
         folder = resolve_model(args.model)

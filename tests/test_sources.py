@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import fileio
 import sources
 
 GEN = dict(max_new_tokens=24, batch_size=8, k=2)  # tiny, so real generation takes seconds
@@ -345,7 +346,7 @@ def test_a_damaged_cached_set_is_said_and_built_again(damage, capsys):
 def test_write_json_atomic_leaves_no_temp_file_when_it_fails(tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(IsADirectoryError):
-        sources.write_json_atomic(tmp_path / "out", {"a": 1})  # the target is a folder
+        fileio.write_json_atomic(tmp_path / "out", {"a": 1})  # the target is a folder
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
