@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fileio import check_at_least_one, progress_bar
+from fileio import check_at_least_one
 from tokenizer import Tokenizer
 
 
@@ -121,33 +121,6 @@ def length_buckets(lengths: list[int], batch_size: int, max_tokens: int | None =
     if cur:
         batches.append(cur)
     return batches
-
-
-def generate_responses(model, tok: Tokenizer, prompts: list[str], max_new_tokens: int = 256,
-                       temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                       batch_size: int = 16, system: str | None = None, progress: bool = False,
-                       return_finished: bool = False) -> list[str] | tuple[list[str], list[bool]]:
-    """The model's reply to each prompt through its chat template, in input order.
-
-    Prompts of similar length share a batch. Sampling draws from one seeded generator per batch
-    (seed, batch number), so a given list of prompts always gets the same replies.
-    With `return_finished`, also whether each reply ended by itself (its end-of-turn token) rather
-    than being cut off at max_new_tokens.
-    """
-    from generation import generate
-
-    ids = [render_prompt(tok, p, system) for p in prompts]
-    batches = length_buckets([len(x) for x in ids], batch_size)
-    out: list[str | None] = [None] * len(prompts)
-    finished: list[bool | None] = [None] * len(prompts)
-    for k, idx in enumerate(progress_bar(batches, "generate", "batch", progress)):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + k)
-        new = generate(model, [ids[i] for i in idx], max_new_tokens, temperature, top_p, gen,
-                       stop_ids=tok.stop_ids, pad_id=tok.pad_id)
-        for i, n in zip(idx, new):
-            out[i] = tok.decode(n).strip()
-            finished[i] = len(n) < max_new_tokens  # generate() leaves the stop token out
-    return (out, finished) if return_finished else out
 
 
 # ----------------------------------------------------------------------------------------------

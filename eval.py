@@ -46,6 +46,7 @@ from typing import Callable, Sequence
 
 import stats
 import tasks
+from generation import generate_responses
 from grading import answers_match, extract_answer
 from fileio import (check_at_least_one, check_output_folder, progress_bar, write_atomic, write_json_atomic,
                     write_jsonl_atomic, write_text_atomic)
@@ -374,8 +375,6 @@ def evaluate_task(model, tok, task: str, n: int | None = None, examples=None, ba
     Returns {"task", "n", "accuracy", "ci_low", "ci_high", "records"} (+ "accuracy_norm" and its
     interval for multiple choice, scored both by raw and by per-token log-likelihood).
     """
-    from data import generate_responses
-
     if examples is None:
         examples = tasks.splits(task, seed=seed)["test"]
         examples = examples[:n] if n else examples

@@ -73,6 +73,7 @@ from pathlib import Path
 import tasks
 from fileio import (append_records, check_at_least_one, check_input_file, check_output_folder, exclusive_lock,
                     progress_bar, read_json_rows, write_json_atomic, write_jsonl_atomic)
+from generation import check_sampling, generate_responses
 from grading import answers_match, extract_answer
 from nll import example_nlls, render_pairs
 
@@ -247,7 +248,6 @@ def default_gen(**overrides) -> dict:
         raise TypeError(f"unknown generation settings: {sorted(unknown)}")
     gen.update({k: v for k, v in overrides.items() if v is not None})
     check_at_least_one(k=gen["k"], max_new_tokens=gen["max_new_tokens"], batch_size=gen["batch_size"])
-    from generation import check_sampling
     check_sampling(gen["temperature"], gen["top_p"])
     return gen
 
@@ -316,8 +316,6 @@ class ModelCache:
 
 def build_chunk(kind, arg, examples, model_name, gen, seed, chunk_no, models: ModelCache) -> list[dict]:
     """Records for one chunk of questions; depends only on its inputs (so resumption is exact)."""
-    from data import generate_responses
-
     base = [{"id": e.id, "question": e.question, "prompt": e.prompt, "gold": e.gold} for e in examples]
     graded = tasks.task_info(examples[0].task).kind  # how its answers are graded (grading.KINDS)
     if kind == "human":

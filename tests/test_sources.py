@@ -123,7 +123,6 @@ def test_unknown_source_and_cli_error(capsys):
 def scripted_generation(monkeypatch, reply):
     """Generation replaced by `reply(prompt, sampling) -> (text, ended by itself)`; no model loads.
     Returns the list of (model name, prompt) the generation calls receive."""
-    import data
     asked = []  # (model name, prompt) of every generation call
     monkeypatch.setattr(sources.ModelCache, "get", lambda self, name: (name, None))
 
@@ -133,7 +132,7 @@ def scripted_generation(monkeypatch, reply):
         texts, ended = zip(*[reply(p, temperature > 0) for p in prompts])
         return list(texts), list(ended)
 
-    monkeypatch.setattr(data, "generate_responses", fake)
+    monkeypatch.setattr(sources, "generate_responses", fake)
     return asked
 
 
@@ -282,13 +281,12 @@ def test_minimum_change_corrects_the_models_own_prediction(monkeypatch):
 
 
 def test_generate_responses_tells_which_replies_were_cut_off(monkeypatch, smollm2_dir):
-    import data
     import generation
     from tokenizer import Tokenizer
     tok = Tokenizer.from_folder(smollm2_dir)
     # generate() returns the new ids without the stop token: a full-length row never stopped
     monkeypatch.setattr(generation, "generate", lambda m, prompts, n, *a, **k: [[72] * n, [72] * (n - 1), []][:len(prompts)])
-    texts, ended = data.generate_responses(None, tok, ["a", "b", "c"], 5, batch_size=3, return_finished=True)
+    texts, ended = generation.generate_responses(None, tok, ["a", "b", "c"], 5, batch_size=3, return_finished=True)
     assert ended == [False, True, True] and len(texts) == 3
 
 
