@@ -44,12 +44,20 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+import fast
 import stats
 import tasks
-from generation import generate_responses
-from grading import answers_match, extract_answer
+from data import render
+from devices import best_device
 from fileio import (check_at_least_one, check_output_folder, progress_bar, write_atomic, write_json_atomic,
                     write_jsonl_atomic, write_text_atomic)
+from generation import generate_responses
+from grading import answers_match, extract_answer
+from lora import load_adapter, merge_lora
+from model import ModelLoadError, Transformer
+from perplexity import shared_prefix_nlls
+from pretrained import resolve_model
+from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------
 # 1. Accuracy with a 95% Wilson confidence interval
@@ -361,9 +369,6 @@ def option_nlls(model, tok, prompt: str, options: Sequence[str]) -> list[tuple[f
     The options share the rendered question, which runs through the model once
     (`perplexity.shared_prefix_nlls`; the same sums as scoring each option's whole chat).
     """
-    from data import render
-    from perplexity import shared_prefix_nlls
-
     rendered = [render(tok, prompt, opt) for opt in options]
     return [(-e.nll, e.tokens) for e in shared_prefix_nlls(model, rendered, tok.pad_id)]
 
@@ -620,7 +625,7 @@ def write_report(run_paths: Sequence[str], out_dir: str | None = None) -> Path:
 def plot_ppl_vs_accuracy(cmp_: dict, path: Path) -> Path | None:
     """Untuned perplexity (x, bootstrap interval) against the in-domain accuracy change from the
     untuned model (y, paired interval), one point per source."""
-    try:
+    try:  # optional (requirements.txt names it for this plot only): without it the report has no plot
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -701,17 +706,11 @@ def build_subparser() -> argparse.ArgumentParser:
 
 
 def evaluate_cli(args) -> None:
-    import fast
-    from devices import best_device
-    from model import ModelLoadError, Transformer
     if args.out is None:  # every score is auditable: the records are always written
         name = Path(str(args.model)).name
         if args.adapter:
             name += "--" + Path(args.adapter).resolve().parent.name
         args.out = str(Path("runs") / "eval" / name)
-    from pretrained import resolve_model
-    from tokenizer import Tokenizer
-
     try:  # bad values and an unusable --out fail now, not after the evaluation
         check_at_least_one(n=args.n, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
         check_output_folder(args.out, "--out")
@@ -719,7 +718,6 @@ def evaluate_cli(args) -> None:
         model = fast.apply(Transformer.from_pretrained(folder, args.dtype, args.device or best_device()))
         tok = Tokenizer.from_folder(folder)
         if args.adapter:
-            from lora import load_adapter, merge_lora
             load_adapter(model, args.adapter)
             merge_lora(model)  # same outputs, no LoRA branch to run at each step
         results = {}

@@ -1,12 +1,9 @@
 """The core of the paper's familiarity measure: the untuned model's negative log-likelihood of each
-response token, given its prompt (paper section 3; DESIGN.md section 1).
+response token, given its prompt (paper section 3).
 
-perplexity.py turns these sums into the paper's numbers; it lived there until sources.py's
-`familiar` source needed the same per-example values to pick, per question, the candidate the
-model finds most probable. The import order is io -> model -> pretrained/tokenizer -> tasks ->
-data -> nll -> lora -> sources -> perplexity -> train -> eval: sources.py may import this module,
-never perplexity.py, so the computation moved down here. perplexity.py re-exports every name
-that used to live in it (`from perplexity import response_nll` still works).
+perplexity.py turns these sums into the paper's numbers; sources.py's `familiar` source needs
+the same per-example values to pick, per question, the candidate the model finds most probable.
+Both import this module, which sits below them (tests/test_imports.py checks the order).
 
 For each example, the prompt and response are rendered with `data.render` (the same ids and loss
 mask as training), and the NLL is taken over the masked tokens only: the response and its

@@ -56,7 +56,9 @@ Deviation from the paper: our default target model is a 135M model that rarely s
 so `self` leans on rationalisation and the ground-truth fallback; the manifest counts each path
 so this is visible, and `--self-fallback drop` keeps only the model's own correct answers.
 
-CLI: python sources.py --source self --task gsm8k --n-train 128
+CLI: python sources.py --source self --task gsm8k --n-train 128 builds (or reuses) a set;
+python sources.py show --source self --n-train 128 --n 2 prints its first examples as they are
+trained on, the trained tokens marked (data.show).
 """
 
 from __future__ import annotations
@@ -70,12 +72,18 @@ import sys
 import time
 from pathlib import Path
 
+import fast
 import tasks
+from data import render, show
+from devices import best_device
 from fileio import (append_records, check_at_least_one, check_input_file, check_output_folder, exclusive_lock,
                     progress_bar, read_json_rows, write_json_atomic, write_jsonl_atomic)
 from generation import check_sampling, generate_responses
 from grading import answers_match, extract_answer
+from model import Transformer
 from nll import example_nlls, render_pairs
+from pretrained import check_model_name, resolve_model
+from tokenizer import Tokenizer
 
 CACHE_DIR = Path(os.environ.get("ILB_SOURCES_DIR", Path(__file__).resolve().parent / "cache" / "sources"))
 DEFAULT_N_TRAIN = 32
@@ -273,7 +281,7 @@ def add_generation_args(group, max_new_tokens: bool = True) -> None:
 
 
 def add_question_args(group) -> None:
-    """Which training questions: the flags train.py, sources.py, perplexity.py and data.py share."""
+    """Which training questions: the flags train.py, perplexity.py and sources.py (and its show) share."""
     group.add_argument("--train-questions", default=None, metavar="PATH",
                        help="train on the questions of this JSON/JSONL file of {question} (e.g. one of the "
                             "paper's released files), in file order, first --n-train of them; every source "
@@ -303,11 +311,6 @@ class ModelCache:
 
     def get(self, name: str):
         if name not in self.loaded:
-            import fast
-            from devices import best_device
-            from model import Transformer
-            from pretrained import resolve_model
-            from tokenizer import Tokenizer
             folder = resolve_model(name)
             self.loaded[name] = (fast.apply(Transformer.from_pretrained(folder, self.dtype, self.device or best_device())),
                                  Tokenizer.from_folder(folder))
@@ -535,7 +538,6 @@ def build(source, model="smollm2-135m-instruct", task="gsm8k", n_train=None, see
         return require_kept(*built)
     damaged = final.exists() and manifest_path.exists()
 
-    from pretrained import check_model_name
     for name in [model] + ([arg] if kind in MODEL_SOURCES else []):
         check_model_name(name)  # before a cache folder is made for a model that does not exist
     chosen = tasks.splits(task, n_train=n_train, seed=seed, train_questions=train_questions,
@@ -667,7 +669,15 @@ def load_cached(source: str, model: str, task: str, n_train: int | None = None, 
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Build a training set from one response source (cached).")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["show"]:
+        return show_main(argv[1:])
+    return build_main(argv)
+
+
+def build_main(argv) -> None:
+    ap = argparse.ArgumentParser(description="Build a training set from one response source (cached). Subcommand: "
+                                             "show (a built set's examples with the trained tokens marked).")
     ap.add_argument("--source", required=True,
                     help=SOURCES_HELP)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="the target model (short name or folder)")
@@ -688,8 +698,6 @@ def main(argv=None):
         records, manifest = build(args.source, args.model, args.task, args.n_train, args.seed, args.dtype,
                                   args.device, True, **question_overrides(args), **{**generation_overrides(args),
                                                         "batch_size": args.batch_size or args.gen_batch_size})
-        from pretrained import resolve_model
-        from tokenizer import Tokenizer
         tok = Tokenizer.from_folder(resolve_model(args.model))
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
@@ -700,6 +708,44 @@ def main(argv=None):
     print(f"cache: {manifest['cache_folder']}")
     for r in records[:2]:
         print(f"--- {r['id']} ({r['path']})\nQ: {r['question']}\nA: {r['response']}")
+
+
+def show_main(argv) -> None:
+    """The loss mask, visible: a built training set's first examples rendered as they are trained
+    on, the trained tokens between ⟦ ⟧ (data.render and data.show). It reads the cache only."""
+    ap = argparse.ArgumentParser(prog="sources.py show",
+                                 description="Inspect rendered training examples and their loss mask.")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="short name or HF-format folder")
+    ap.add_argument("--task", default="gsm8k", help="task name (see tasks.py)")
+    ap.add_argument("--source", default="human",
+                    help="response source: human, or any source built by sources.py (reads its cache)")
+    ap.add_argument("--n", type=int, default=2, help="how many training examples to show")
+    ap.add_argument("--n-train", type=int, default=None,
+                    help=f"size of the built training set to read (sources.py --n-train; default {DEFAULT_N_TRAIN})")
+    ap.add_argument("--seed", type=int, default=0, help="split seed")
+    add_question_args(ap)
+    args = ap.parse_args(argv)
+    try:
+        check_at_least_one(n=args.n, n_train=args.n_train)
+        tasks.check_seed(args.seed)
+        tok = Tokenizer.from_folder(resolve_model(args.model))
+        if args.task in tasks.TASKS and not tasks.has_train(args.task):
+            raise ValueError(f"--task {args.task} has no training split (it is evaluation-only); "
+                             f"show one of {', '.join(t for t in tasks.TASKS if tasks.has_train(t))}")
+        if args.source == "human":
+            pairs = [(e.prompt, e.answer) for e in tasks.splits(
+                args.task, seed=args.seed, **question_overrides(args))["train"][: args.n]]
+        else:
+            pairs = [(r["prompt"], r["response"]) for r in load_cached(
+                args.source, args.model, args.task, n_train=args.n_train, seed=args.seed,
+                **question_overrides(args))[: args.n]]
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        sys.exit(f"error: {e}")
+    for k, (prompt, response) in enumerate(pairs):
+        r = render(tok, prompt, response)
+        print(f"=== example {k}: {len(r.ids)} tokens, {r.n_targets} trained on ===")
+        print(show(tok, r))
+        print()
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def test_csqa_scores_both_ways(smol):
     """Each option's log-likelihood is its whole chat's, scored on its own; the picks are the
     first argmax of the sums (raw) and of the per-token means (norm); the accuracy follows."""
     from data import render
-    from perplexity import example_nlls
+    from nll import example_nlls
     model, tok = smol
     r = ev.evaluate_task(model, tok, "csqa", n=3)
     assert r["n"] == 3 and len(r["records"]) == 3

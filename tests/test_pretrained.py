@@ -195,7 +195,7 @@ def test_interrupted_conversion_leaves_nothing_and_retry_works(tmp_path, monkeyp
     def boom(*a, **k):
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    monkeypatch.setattr(pretrained, "save_file", boom)
     with pytest.raises(KeyboardInterrupt):
         pretrained.resolve_model(SMOL)
     models = tmp_path / "models"

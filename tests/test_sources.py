@@ -336,7 +336,7 @@ def test_a_damaged_cached_set_is_said_and_built_again(damage, capsys):
     warning = capsys.readouterr().err.strip().splitlines()
     assert len(warning) == 1 and "is damaged" in warning[0] and "building it again" in warning[0]
     assert data.read_bytes() == raw
-    data.write_bytes(b"")  # where it cannot be rebuilt (data.py show reads the cache), an error
+    data.write_bytes(b"")  # where it cannot be rebuilt (sources.py show reads the cache), an error
     with pytest.raises(ValueError, match="is damaged .*build it again with python sources.py"):
         sources.load_cached("human", "smollm2-135m-instruct", "gsm8k", n_train=4)
 
