@@ -225,7 +225,6 @@ class PeakMemory:
 
 def load_work(folder, n: int):
     """The first n GSM8K training pairs: (tokenizer, rendered chats, prompt ids)."""
-
     tok = Tokenizer.from_folder(folder)
     examples = tasks.splits("gsm8k")["train"][:n]
     rendered = [render(tok, e.prompt, e.answer) for e in examples]
@@ -235,7 +234,6 @@ def load_work(folder, n: int):
 
 def random_weights_folder(src, dst) -> Path:
     """Copy config + tokenizer files of `src` into `dst` and add seeded random safetensors weights."""
-
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
@@ -467,7 +465,6 @@ def decode_breakdown(model, prompts: list[list[int]], new_tokens: int, pad_id: i
     alone (as `generation.generate` runs it), and one decoding step's matrix products alone (every
     Linear of the model, head included, on a (B, 1, in) input: the kernels a step of B rows
     takes). The rest of a step is attention over the cache and the small ops between products."""
-
     B, P = len(prompts), max(len(p) for p in prompts)
 
     def run_prefill():

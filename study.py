@@ -35,7 +35,7 @@ import torch
 
 from eval import gold_loglik, load_answers, write_report
 from fileio import write_json_atomic, write_jsonl_atomic
-from train import git_commit
+from runfolder import git_commit
 
 ROOT = Path(__file__).resolve().parent
 

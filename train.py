@@ -1,19 +1,20 @@
 """The experiment in one command: `python train.py --source self`.
 
-For each response source (paper section 2) on the same training questions:
-  1. build or reuse the training set (sources.py),
-  2. measure the untuned model's perplexity on it (perplexity.py; the paper's familiarity),
-  3. LoRA fine-tune (lora.py; the paper's q_proj,v_proj r=8 alpha=16), validating after every
-     epoch on held-out training-split questions and keeping the best epoch's adapter,
-  4. evaluate the best adapter on the task's test set and on other tasks (eval.py; forgetting).
+For each response source (paper section 2) on the same training questions, `run_source`:
+  1. builds or reuses the training set (sources.py),
+  2. measures the untuned model's perplexity on it (perplexity.py; the paper's familiarity),
+  3. LoRA fine-tunes (lora.py; the paper's q_proj,v_proj r=8 alpha=16), validating after every
+     epoch on held-out training-split questions and keeping the best epoch's adapter (`fine_tune`),
+  4. tests the best adapter on the task's test set and on other tasks (eval.py; forgetting).
 Every run writes runs/<name>/: config.json (every argument, git commit, seeds), metrics.jsonl,
 adapter/ (the best, in PEFT's format), checkpoint/ (the last epoch, for --resume) and
-results.json, and prints a summary.
+results.json, and prints a summary. runfolder.py keeps that folder: resuming, checkpoints, the
+lock, and the waits of torchrun's other processes.
 
 The training loop, in plain sight:
 - loss = sum of NLL over the supervised tokens of an optimiser step / number of those tokens,
-  counted across all gradient-accumulation micro-batches and all processes (DESIGN.md 4.8). A
-  long response thus weighs by its tokens, as in one big batch, whatever the micro-batching.
+  counted across all gradient-accumulation micro-batches and all processes. A long response thus
+  weighs by its tokens, as in one big batch, whatever the micro-batching.
 - AdamW on the LoRA parameters only; linear warmup then cosine decay; gradient clipping.
 - bf16 autocast on CUDA (fp16 + a gradient scaler where bf16 is missing); `--dtype bf16` on CPU.
 - `--grad-checkpoint`: each layer is run again in the backward instead of keeping its
@@ -38,8 +39,6 @@ import json
 import math
 import os
 import random
-import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -55,53 +54,199 @@ import tasks
 from data import Batch, collate, length_buckets, render
 from devices import best_device, usable_device
 from eval import evaluate_task
-from fileio import (append_records, check_at_least_one, check_output_folder, exclusive_lock, progress_bar,
-                    replacing_folder, write_json_atomic, write_jsonl_atomic)
-from lora import (LoRAConfig, count_parameters, inject_lora, load_adapter, save_adapter, target_module_names,
-                  update_ratios)
+from fileio import check_at_least_one, check_output_folder, progress_bar, write_json_atomic
+from lora import LoRAConfig, count_parameters, inject_lora, load_adapter, target_module_names, update_ratios
 from model import ModelConfig, ModelLoadError, Transformer
 from nll import example_nlls, response_nll
 from perplexity import dataset_perplexity
 from pretrained import check_model_name, resolve_model
+from runfolder import RunFolder, claim, close_process_group, dist_setup, git_commit, leave_together
 from tokenizer import Tokenizer
 
 PRESETS = {
     # The paper: 1000 examples, LoRA q/v r8 alpha16, effective batch 30, cosine, lr 5e-5..2e-4,
-    # up to 10-20 epochs with the best checkpoint on validation (DESIGN.md section 1).
+    # up to 10-20 epochs with the best checkpoint on validation.
     "paper": dict(n_train=1000, lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_targets="q_proj,v_proj",
                   batch_size=30, lr=2e-4, epochs=10, warmup_ratio=0.03, n_val=100, n_test=None,
                   max_new_tokens=512, dtype="bf16", eval_batch_size=16),
 }
 
+# ----------------------------------------------------------------------------------------------
+# One source, end to end: the paper's steps
+
+
+@dataclass
+class Context:
+    model_folder: Path
+    tok: object
+    rank: int
+    world: int
+    device: str
+    base: dict | None = None  # the untuned model's test results (rank 0)
+    base_dir: str | None = None  # where its per-example answers are (for paired comparisons)
+
+
+def run_source(source: str, args, ctx: Context) -> dict:
+    """Steps 1-4 for one response source; its results (rank 0; {} on torchrun's other ranks)."""
+    rank, tok = ctx.rank, ctx.tok
+    run = RunFolder(source, args, rank, ctx.world)
+    if args.resume and not run.resuming:
+        run.say(f"--resume: {run.path} has no finished epoch to continue; starting the run from the beginning")
+
+    # 1. the training set: rank 0 builds it (or finds it cached), then the other ranks read the cache
+    def build(name, **split):
+        return sources.build(name, args.model, args.task, args.n_train, args.seed, dtype=args.gen_dtype,
+                             device=args.device, progress=rank == 0, **split, **sources.question_overrides(args),
+                             **sources.generation_overrides(args))
+    with run.rank_zero_first():
+        records, manifest = build(source)
+        # the same source's answers to the validation questions: the validation loss is measured on
+        # what this source would have taught there (a file: source answers them from its file)
+        val_records, val_manifest = build(source, split="val", n_val=args.n_val)
+    run.say(f"training set: {manifest['kept']} examples, by path {manifest['counts_by_path']}; "
+            f"validation answers: {val_manifest['kept']} of {val_manifest['questions']}")
+
+    model = fast.apply(Transformer.from_pretrained(ctx.model_folder, args.dtype, ctx.device))
+    model.gradient_checkpointing = args.grad_checkpoint
+    pairs = [(r["prompt"], r["response"]) for r in records]
+    rendered = [render(tok, p, r) for p, r in pairs]
+    keep = [i for i, r in enumerate(rendered) if len(r.ids) <= args.max_seq_len]
+    if len(keep) < len(rendered):
+        run.say(f"dropping {len(rendered) - len(keep)} examples longer than --max-seq-len {args.max_seq_len}")
+        records, pairs, rendered = [records[i] for i in keep], [pairs[i] for i in keep], [rendered[i] for i in keep]
+    if not rendered:
+        raise ValueError(f"source {source} produced no training examples")
+    val_rendered = [x for x in (render(tok, r["prompt"], r["response"]) for r in val_records)
+                    if len(x.ids) <= args.max_seq_len]
+
+    # 2. familiarity: perplexity of the untuned model on exactly the responses it is trained on,
+    # and, for any other source, on the human answers to the same questions (the paired reference)
+    ppl = dataset_perplexity(model, tok, pairs, batch_size=args.eval_batch_size, progress=True) if rank == 0 else None
+    human_ppl = None
+    if ppl:
+        for e in ppl["per_example"]:  # which question each value belongs to
+            e["id"] = records[e["index"]]["id"]
+        run.say(f"untuned perplexity: mean {ppl['mean_ppl']:.3f}, pooled {ppl['pooled_ppl']:.3f} "
+                f"over {ppl['tokens']} tokens")
+        if source != "human":
+            human_ppl = human_reference_perplexity(model, tok, records, ppl, args)
+            run.say(f"the human answers to the same {human_ppl['n']} questions: mean "
+                    f"{human_ppl['mean_ppl']:.3f} (paired difference {source} - human "
+                    f"{human_ppl['difference']:+.3f} [{human_ppl['ci_low']:+.3f}, {human_ppl['ci_high']:+.3f}])")
+
+    # 3. LoRA fine-tuning
+    lora_cfg = LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                          targets=lora_target_list(args.lora_targets))
+    inject_lora(model, lora_cfg.targets, lora_cfg.r, lora_cfg.alpha, lora_cfg.dropout, seed=args.seed)
+    trainable, total = count_parameters(model)
+    run.say(f"LoRA {args.lora_targets} r={args.lora_r} alpha={args.lora_alpha}: "
+            f"{trainable:,} trainable / {total:,} parameters ({100 * trainable / total:.3f}%)")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    autocast_dtype = None
+    scaler = None
+    if ctx.device.startswith("cuda"):
+        if torch.cuda.is_bf16_supported():
+            autocast_dtype = torch.bfloat16
+        else:
+            autocast_dtype = torch.float16
+            scaler = torch.amp.GradScaler("cuda")
+    # best: the kept epoch's validation accuracy; val_before / best_val: validation_loss() of the
+    # untuned model and of the kept epoch
+    state = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "best_val": None, "val_before": None}
+    if run.resuming:
+        state = run.resume(model, optimizer, scaler, state)
+    else:
+        run.start({**vars(args), "source": source, "git_commit": git_commit(), "world_size": ctx.world,
+                   "torch": torch.__version__, "device": ctx.device, "manifest": manifest,
+                   "trainable_parameters": trainable, "total_parameters": total},
+                  {"source": source, **ppl, **({"human": human_ppl} if human_ppl else {})} if ppl else None)
+    val = tasks.splits(args.task, n_train=args.n_train, n_val=args.n_val, seed=args.seed,
+                       **sources.question_overrides(args))["val"]
+    fine_tune(model, optimizer, scaler, autocast_dtype, rendered, val, val_rendered, state, lora_cfg, run, args, ctx)
+
+    # 4. test: in-domain and the other tasks, with the best adapter
+    if rank != 0:
+        return {}
+    best = fast.apply(Transformer.from_pretrained(ctx.model_folder, args.dtype, ctx.device))
+    load_adapter(best, run.adapter)
+    ratios = list(update_ratios(best).values())
+    results = {"source": source, "model": args.model, "task": args.task, "run_dir": str(run.path),
+               "train_examples": len(rendered),
+               "best_epoch": state["best_epoch"], "val_accuracy": state["best"],
+               "validation_loss": validation_report(state["val_before"], state["best_val"]),
+               "lora_update": {"mean_ratio": sum(ratios) / len(ratios), "max_ratio": max(ratios), "layers": len(ratios)},
+               "perplexity": {k: ppl[k] for k in ("n", "tokens", "mean_ppl", "pooled_ppl", "median_ppl")}}
+    if human_ppl:
+        results["perplexity_human"] = {k: v for k, v in human_ppl.items() if k != "per_example"}
+    results["test"] = score_tasks(best, args, ctx, eval_task_list(args), run.path, source)
+    results["base"], results["base_dir"] = ctx.base, ctx.base_dir
+    results["change_from_base"] = {t: results["test"][t]["accuracy"] - ctx.base[t]["accuracy"]
+                                   for t in results["test"] if t in ctx.base}
+    run.finish(results)
+    return results
+
+
+def fine_tune(model, optimizer, scaler, autocast_dtype, rendered, val, val_rendered, state: dict, lora_cfg,
+              run: RunFolder, args, ctx: Context) -> None:
+    """The training loop, from the epoch after `state`'s (0: the start) to --epochs. After each
+    epoch, validation on held-out training-split questions (greedy accuracy, and the loss on this
+    source's own answers to them) decides whether it is the best so far; `state` is updated in
+    place, and the run folder gets every step's row, the best adapter and a checkpoint."""
+    rank, world = ctx.rank, ctx.world
+    total_steps = math.ceil(len(rendered) / args.batch_size) * args.epochs
+    warmup = max(1, round(args.warmup_ratio * total_steps))
+    if rank == 0 and state["epoch"] == 0:  # the untuned model (LoRA's B is still zero)
+        state["val_before"] = validation_loss(model, val_rendered, args, autocast_dtype)
+        run.log({"epoch": 0, "step": 0, "val_loss": state["val_before"] and state["val_before"]["loss"]})
+
+    for epoch in range(state["epoch"], args.epochs):
+        model.train()
+        steps = epoch_steps(len(rendered), args.batch_size, args.seed, epoch)
+        bar = progress_bar(steps, f"[{run.source}] epoch {epoch + 1}/{args.epochs}", "step", rank == 0)
+        epoch_loss, epoch_tokens, seq_tokens, t0 = 0.0, 0, 0, time.time()
+        for step_examples in bar:
+            lr = lr_at(state["step"], total_steps, warmup, args.lr)
+            loss, n_tok, gnorm = train_step(model, optimizer, rendered, step_examples, args, rank, world,
+                                            autocast_dtype, scaler, lr)
+            problem = nonfinite(loss, gnorm, model)
+            if problem:  # stop before anything of this epoch is saved: checkpoints stay finite
+                fix = "Use --dtype fp32, or lower --lr" if args.dtype == "bf16" and "loss" in problem else \
+                    f"Lower --lr (now {args.lr:g}) or --grad-clip (now {args.grad_clip:g})"
+                raise FloatingPointError(f"{problem} at step {state['step'] + 1} (epoch {epoch + 1}); nothing of "
+                                         f"this epoch is saved, the last good checkpoint is in {run.checkpoint}. "
+                                         f"{fix}.")
+            state["step"] += 1
+            epoch_loss += loss * n_tok
+            epoch_tokens += n_tok
+            seq_tokens += sum(len(rendered[i].ids) for i in step_examples)  # incl. prompts
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{seq_tokens / (time.time() - t0):.0f}")
+            run.log({"epoch": epoch + 1, "step": state["step"], "loss": loss, "tokens": n_tok, "lr": lr,
+                     "grad_norm": gnorm})
+        model.eval()
+        if rank == 0:
+            v = evaluate_task(model, ctx.tok, args.task, examples=val, batch_size=args.eval_batch_size,
+                              max_new_tokens=args.max_new_tokens, progress=True)
+            vl = validation_loss(model, val_rendered, args, autocast_dtype)
+            improved = better_epoch(v["accuracy"], vl, state["best"], state["best_val"])
+            row = {"epoch": epoch + 1, "step": state["step"], "train_loss": epoch_loss / max(1, epoch_tokens),
+                   "val_accuracy": v["accuracy"], "val_n": v["n"], "val_loss": vl and vl["loss"],
+                   "epoch_seconds": round(time.time() - t0, 1)}
+            run.log(row)
+            run.say(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f}, val accuracy {v['accuracy']:.3f} "
+                    f"({v['n']} questions), val loss {vl['loss'] if vl else float('nan'):.4f}"
+                    f"{' *best*' if improved else ''}")
+            if improved:
+                state["best"], state["best_epoch"], state["best_val"] = v["accuracy"], epoch + 1, vl
+            state["epoch"] = epoch + 1
+            run.save_epoch(model, optimizer, scaler, state, lora_cfg, best=improved)
+        else:
+            state["epoch"] = epoch + 1
+        run.barrier()
+
 
 # ----------------------------------------------------------------------------------------------
-# Distributed helpers (all no-ops in a single process)
-
-
-def dist_setup(timeout: datetime.timedelta):
-    """(rank, world_size) from torchrun's environment; initialises the process group if > 1.
-
-    `timeout` is how long a process waits at a barrier for the others. Rank 0 alone evaluates the
-    base model, builds each training set (generation) and tests each adapter while the other
-    ranks wait; with a 7B model that takes hours, and torch's defaults (10 minutes under NCCL, 30
-    under gloo) would make the waiting ranks abort the run."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=timeout)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return (dist.get_rank() if world > 1 else 0), world
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-# ----------------------------------------------------------------------------------------------
-# The schedule and the steps
+# The schedule and one optimiser step
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float, min_ratio: float = 0.0) -> float:
@@ -166,6 +311,12 @@ def train_step(model, optimizer, rendered, step_examples, args, rank, world, aut
     return local_sum.item(), int(n_tokens.item()), float(grad_norm)
 
 
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def nonfinite(loss: float, grad_norm: float, model) -> str | None:
     """What went non-finite in a step, if anything. The loss alone is not enough: the step that
     overflows the weights (lr too high) still had a finite loss, and its NaN adapter would be saved."""
@@ -178,245 +329,8 @@ def nonfinite(loss: float, grad_norm: float, model) -> str | None:
             return f"LoRA weight {name} became non-finite"
     return None
 
-
 # ----------------------------------------------------------------------------------------------
-# Run folder: config, metrics, checkpoints
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def keep_metrics_up_to(path: Path, epoch: int) -> None:
-    """Cut metrics.jsonl back to the checkpoint's last epoch: the rows written after it (a run
-    killed mid-epoch, or between its validation row and its checkpoint) are written again by the
-    resumed run, and a report would count those steps twice. A torn last line goes too."""
-    if not path.exists():
-        return
-    complete = path.read_text().split("\n")[:-1]  # (the text after the last newline is torn)
-    rows = [json.loads(line) for line in complete if line.strip()]
-    write_jsonl_atomic(path, [r for r in rows if r["epoch"] <= epoch])
-
-
-def lock_path(run_dir: Path) -> Path:
-    """Beside the run folder, not in it: --overwrite replaces the folder while the lock is held."""
-    return run_dir.with_name(run_dir.name + ".lock")
-
-
-def save_checkpoint(folder: Path, model, optimizer, scaler, state: dict, lora_cfg, model_name):
-    """The last finished epoch: adapter + optimiser + loop state, swapped in atomically."""
-    with replacing_folder(folder) as tmp:
-        save_adapter(model, tmp / "adapter", lora_cfg, model_name)
-        torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                    "rng_torch": torch.get_rng_state(), **state}, tmp / "trainer.pt")
-
-
-# ----------------------------------------------------------------------------------------------
-# One source, end to end
-
-
-@dataclass
-class Context:
-    model_folder: Path
-    tok: object
-    rank: int
-    world: int
-    device: str
-    base: dict | None = None  # the untuned model's test results (rank 0)
-    base_dir: str | None = None  # where its per-example answers are (for paired comparisons)
-
-
-def run_source(source: str, args, ctx: Context) -> dict:
-
-    rank, world, tok = ctx.rank, ctx.world, ctx.tok
-    run_dir = run_folder(source, args)
-    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    resuming = plan_run_folder(run_dir, source, args)  # (main checked every source's folder before any work)
-    if args.resume and not resuming:
-        log(f"[{source}] --resume: {run_dir} has no finished epoch to continue; starting the run from the beginning")
-
-    # 1. the training set: rank 0 builds it (or finds it cached), then the other ranks read the cache
-    if rank != 0:
-        dist.barrier()
-    def build(name, **split):
-        return sources.build(name, args.model, args.task, args.n_train, args.seed, dtype=args.gen_dtype,
-                             device=args.device, progress=rank == 0, **split, **sources.question_overrides(args),
-                             **sources.generation_overrides(args))
-    records, manifest = build(source)
-    # the same source's answers to the validation questions: the validation loss is measured on
-    # what this source would have taught there (a file: source answers them from its file)
-    val_records, val_manifest = build(source, split="val", n_val=args.n_val)
-    if rank == 0 and world > 1:
-        dist.barrier()
-    log(f"[{source}] training set: {manifest['kept']} examples, by path {manifest['counts_by_path']}; "
-        f"validation answers: {val_manifest['kept']} of {val_manifest['questions']}")
-
-    model = fast.apply(Transformer.from_pretrained(ctx.model_folder, args.dtype, ctx.device))
-    model.gradient_checkpointing = args.grad_checkpoint
-    pairs = [(r["prompt"], r["response"]) for r in records]
-    rendered = [render(tok, p, r) for p, r in pairs]
-    keep = [i for i, r in enumerate(rendered) if len(r.ids) <= args.max_seq_len]
-    if len(keep) < len(rendered):
-        log(f"[{source}] dropping {len(rendered) - len(keep)} examples longer than --max-seq-len {args.max_seq_len}")
-        records, pairs, rendered = [records[i] for i in keep], [pairs[i] for i in keep], [rendered[i] for i in keep]
-    if not rendered:
-        raise ValueError(f"source {source} produced no training examples")
-    val_rendered = [x for x in (render(tok, r["prompt"], r["response"]) for r in val_records)
-                    if len(x.ids) <= args.max_seq_len]
-
-    # 2. familiarity: perplexity of the untuned model on exactly the responses it is trained on,
-    # and, for any other source, on the human answers to the same questions (the paired reference)
-    ppl = dataset_perplexity(model, tok, pairs, batch_size=args.eval_batch_size, progress=True) if rank == 0 else None
-    human_ppl = None
-    if ppl:
-        for e in ppl["per_example"]:  # which question each value belongs to
-            e["id"] = records[e["index"]]["id"]
-        log(f"[{source}] untuned perplexity: mean {ppl['mean_ppl']:.3f}, pooled {ppl['pooled_ppl']:.3f} "
-            f"over {ppl['tokens']} tokens")
-        if source != "human":
-            human_ppl = human_reference_perplexity(model, tok, records, ppl, args)
-            log(f"[{source}] the human answers to the same {human_ppl['n']} questions: mean "
-                f"{human_ppl['mean_ppl']:.3f} (paired difference {source} - human "
-                f"{human_ppl['difference']:+.3f} [{human_ppl['ci_low']:+.3f}, {human_ppl['ci_high']:+.3f}])")
-
-    # 3. LoRA fine-tuning
-    targets = lora_target_list(args.lora_targets)
-    lora_cfg = LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets)
-    inject_lora(model, lora_cfg.targets, lora_cfg.r, lora_cfg.alpha, lora_cfg.dropout, seed=args.seed)
-    trainable, total = count_parameters(model)
-    log(f"[{source}] LoRA {args.lora_targets} r={args.lora_r} alpha={args.lora_alpha}: "
-        f"{trainable:,} trainable / {total:,} parameters ({100 * trainable / total:.3f}%)")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
-    autocast_dtype = None
-    scaler = None
-    if ctx.device.startswith("cuda"):
-        if torch.cuda.is_bf16_supported():
-            autocast_dtype = torch.bfloat16
-        else:
-            autocast_dtype = torch.float16
-            scaler = torch.amp.GradScaler("cuda")
-    steps_per_epoch = math.ceil(len(rendered) / args.batch_size)
-    total_steps = steps_per_epoch * args.epochs
-    warmup = max(1, round(args.warmup_ratio * total_steps))
-
-    val = tasks.splits(args.task, n_train=args.n_train, n_val=args.n_val, seed=args.seed,
-                       **sources.question_overrides(args))["val"]
-    ckpt_dir, adapter_dir = run_dir / "checkpoint", run_dir / "adapter"
-    metrics_path = run_dir / "metrics.jsonl"
-    # best: the kept epoch's validation accuracy; val_before / best_val: validation_loss() of the
-    # untuned model and of the kept epoch
-    state = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "best_val": None, "val_before": None}
-    if resuming:
-        load_adapter(model, ckpt_dir / "adapter")  # LoRA layers already injected: checked, then loaded
-        try:
-            saved = torch.load(ckpt_dir / "trainer.pt", weights_only=False)
-        except (RuntimeError, EOFError, OSError) as e:
-            raise ValueError(f"cannot read {ckpt_dir / 'trainer.pt'} ({e}); the checkpoint is damaged: "
-                             f"pass --overwrite to start the run again") from None
-        optimizer.load_state_dict(saved["optimizer"])
-        if scaler and saved["scaler"]:
-            scaler.load_state_dict(saved["scaler"])
-        torch.set_rng_state(saved["rng_torch"])
-        state = {k: saved.get(k) for k in state}  # (a checkpoint of an older version has no val loss)
-        if rank == 0:
-            keep_metrics_up_to(metrics_path, state["epoch"])
-        log(f"[{source}] resuming after epoch {state['epoch']} (step {state['step']})")
-    elif rank == 0:
-        replaced = replaced_folder(run_dir)
-        if (run_dir / "results.json").exists():  # --overwrite of a finished run: kept until this one ends
-            shutil.rmtree(replaced, ignore_errors=True)
-            os.replace(run_dir, replaced)
-            log(f"[{source}] --overwrite: the finished run is kept in {replaced} until this one finishes")
-        shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run (checked by plan_run_folder)
-        run_dir.mkdir(parents=True)
-        write_json_atomic(run_dir / "config.json", {
-            **vars(args), "source": source, "git_commit": git_commit(), "world_size": world,
-            "torch": torch.__version__, "device": ctx.device, "manifest": manifest,
-            "trainable_parameters": trainable, "total_parameters": total})
-        if ppl:
-            write_json_atomic(run_dir / "perplexity.json", {"source": source, **ppl,
-                                                            **({"human": human_ppl} if human_ppl else {})})
-    if world > 1:
-        dist.barrier()
-    if rank == 0 and state["epoch"] == 0:  # the untuned model (LoRA's B is still zero)
-        state["val_before"] = validation_loss(model, val_rendered, args, autocast_dtype)
-        append_records(metrics_path, [{"epoch": 0, "step": 0,
-                                       "val_loss": state["val_before"] and state["val_before"]["loss"]}])
-
-    for epoch in range(state["epoch"], args.epochs):
-        model.train()
-        steps = epoch_steps(len(rendered), args.batch_size, args.seed, epoch)
-        bar = progress_bar(steps, f"[{source}] epoch {epoch + 1}/{args.epochs}", "step", rank == 0)
-        epoch_loss, epoch_tokens, seq_tokens, t0 = 0.0, 0, 0, time.time()
-        for step_examples in bar:
-            lr = lr_at(state["step"], total_steps, warmup, args.lr)
-            loss, n_tok, gnorm = train_step(model, optimizer, rendered, step_examples, args, rank, world,
-                                            autocast_dtype, scaler, lr)
-            problem = nonfinite(loss, gnorm, model)
-            if problem:  # stop before anything of this epoch is saved: checkpoints stay finite
-                fix = "Use --dtype fp32, or lower --lr" if args.dtype == "bf16" and "loss" in problem else \
-                    f"Lower --lr (now {args.lr:g}) or --grad-clip (now {args.grad_clip:g})"
-                raise FloatingPointError(f"{problem} at step {state['step'] + 1} (epoch {epoch + 1}); nothing of "
-                                         f"this epoch is saved, the last good checkpoint is in {ckpt_dir}. {fix}.")
-            state["step"] += 1
-            epoch_loss += loss * n_tok
-            epoch_tokens += n_tok
-            seq_tokens += sum(len(rendered[i].ids) for i in step_examples)  # incl. prompts
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{seq_tokens / (time.time() - t0):.0f}")
-            if rank == 0:
-                append_records(metrics_path, [{"epoch": epoch + 1, "step": state["step"], "loss": loss,
-                                              "tokens": n_tok, "lr": lr, "grad_norm": gnorm}])
-        # validation on held-out training-split questions: greedy accuracy, and the loss on this
-        # source's own answers to them
-        model.eval()
-        if rank == 0:
-            v = evaluate_task(model, tok, args.task, examples=val, batch_size=args.eval_batch_size,
-                              max_new_tokens=args.max_new_tokens, progress=True)
-            vl = validation_loss(model, val_rendered, args, autocast_dtype)
-            improved = better_epoch(v["accuracy"], vl, state["best"], state["best_val"])
-            row = {"epoch": epoch + 1, "step": state["step"], "train_loss": epoch_loss / max(1, epoch_tokens),
-                   "val_accuracy": v["accuracy"], "val_n": v["n"], "val_loss": vl and vl["loss"],
-                   "epoch_seconds": round(time.time() - t0, 1)}
-            append_records(metrics_path, [row])
-            log(f"[{source}] epoch {epoch + 1}: train loss {row['train_loss']:.4f}, val accuracy {v['accuracy']:.3f} "
-                f"({v['n']} questions), val loss {vl['loss'] if vl else float('nan'):.4f}{' *best*' if improved else ''}")
-            if improved:
-                state["best"], state["best_epoch"] = v["accuracy"], epoch + 1
-                state["best_val"] = vl
-                save_adapter(model, adapter_dir, lora_cfg, args.model)
-            state["epoch"] = epoch + 1
-            save_checkpoint(ckpt_dir, model, optimizer, scaler, state, lora_cfg, args.model)
-        else:
-            state["epoch"] = epoch + 1
-        if world > 1:
-            dist.barrier()
-
-    # 4. test: in-domain and the other tasks, with the best adapter
-    if rank != 0:
-        return {}
-    best = fast.apply(Transformer.from_pretrained(ctx.model_folder, args.dtype, ctx.device))
-    load_adapter(best, adapter_dir)
-    ratios = list(update_ratios(best).values())
-    results = {"source": source, "model": args.model, "task": args.task, "run_dir": str(run_dir),
-               "train_examples": len(rendered),
-               "best_epoch": state["best_epoch"], "val_accuracy": state["best"],
-               "validation_loss": validation_report(state["val_before"], state["best_val"]),
-               "lora_update": {"mean_ratio": sum(ratios) / len(ratios), "max_ratio": max(ratios), "layers": len(ratios)},
-               "perplexity": {k: ppl[k] for k in ("n", "tokens", "mean_ppl", "pooled_ppl", "median_ppl")}}
-    if human_ppl:
-        results["perplexity_human"] = {k: v for k, v in human_ppl.items() if k != "per_example"}
-    results["test"] = score_tasks(best, args, ctx, eval_task_list(args), run_dir, source)
-    results["base"], results["base_dir"] = ctx.base, ctx.base_dir
-    results["change_from_base"] = {t: results["test"][t]["accuracy"] - ctx.base[t]["accuracy"]
-                                   for t in results["test"] if t in ctx.base}
-    write_json_atomic(run_dir / "results.json", results)
-    shutil.rmtree(replaced_folder(run_dir), ignore_errors=True)
-    return results
+# Validation: which epoch is kept, and whether the run trained at all
 
 
 def validation_loss(model, rendered, args, autocast_dtype) -> dict | None:
@@ -461,6 +375,9 @@ def validation_report(before: dict | None, after: dict | None) -> dict:
             "per_example_change": change, "ci_low": lo, "ci_high": hi,
             "learned": bool(hi < 0 and relative <= -LEARNED_MIN_DROP)}
 
+# ----------------------------------------------------------------------------------------------
+# Familiarity against the human answers, and testing
+
 
 def human_reference_perplexity(model, tok, records, ppl, args) -> dict:
     """The untuned model's perplexity on the HUMAN answers to the questions `records` answers
@@ -482,83 +399,6 @@ def human_reference_perplexity(model, tok, records, ppl, args) -> dict:
             "per_example": [{"id": measured[i]["id"], "ppl": mine[i]} for i in sorted(mine)]}
 
 
-# What a resumed run must share with the run it continues (saved in its config.json), besides its
-# source and the hash of its training set (which covers the generation settings); anything else
-# (device, batch size of evaluation, timeouts, where runs go) may differ.
-SAME_ON_RESUME = ("model", "task", "seed", "n_train", "n_val", "n_test", "max_new_tokens", "lora_r",
-                  "lora_alpha", "lora_dropout", "lora_targets", "epochs", "batch_size", "micro_batch", "lr",
-                  "warmup_ratio", "weight_decay", "grad_clip", "max_seq_len", "dtype")
-
-
-def lora_target_list(lora_targets: str) -> list[str] | str:
-    return lora_targets if lora_targets == "all-linear" else lora_targets.split(",")
-
-
-def check_lora_targets(model_folder: Path, lora_targets: str) -> None:
-    """ValueError now if --lora-targets selects no layer of this model (shapes only, no weights),
-    rather than after the base evaluation and the training set."""
-    with torch.device("meta"):
-        shapes = Transformer(ModelConfig.from_json(Path(model_folder) / "config.json"))
-    if not target_module_names(shapes, lora_target_list(lora_targets)):
-        raise ValueError(f"--lora-targets {lora_targets} selects no linear layer of this model (names look "
-                         f"like model.layers.0.self_attn.q_proj; e.g. q_proj,v_proj or all-linear)")
-
-
-def run_folder(source: str, args) -> Path:
-    name = args.run_name or f"{args.task}-{source.replace(':', '_').replace('/', '_')}-{args.model.split('/')[-1]}-s{args.seed}"
-    return Path(args.runs_dir) / name
-
-
-def replaced_folder(run_dir: Path) -> Path:
-    """Where --overwrite keeps a finished run until the run replacing it finishes."""
-    return run_dir.with_name(run_dir.name + ".replaced")
-
-
-def training_set_hash(source: str, args) -> str:
-    """The hash that names `source`'s cached training set for these settings (sources.cache_folder),
-    computed without building it."""
-    inputs = sources.set_inputs(source, args.model, args.task, args.n_train, args.seed, args.gen_dtype,
-                                **sources.question_overrides(args), **sources.generation_overrides(args))
-    return sources.cache_folder(inputs).name.rsplit("-", 1)[-1]
-
-
-def plan_run_folder(run_dir: Path, source: str, args) -> bool:
-    """True if this run continues run_dir's last checkpoint (--resume). Raises ValueError when
-    run_dir holds a run that neither --resume nor --overwrite was given for, or when --resume is
-    given for another source, another training set or other settings than the saved run's.
-    Changes nothing on disk."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"{run_dir} is a file, not a run folder; move it, or pick another --run-name / --runs-dir")
-    checkpoint = run_dir / "checkpoint" / "trainer.pt"
-    exists = run_dir.exists() and any(run_dir.iterdir())
-    if args.resume and checkpoint.exists():
-        try:
-            saved = json.loads((run_dir / "config.json").read_text())
-            saved_set = saved["manifest"]["inputs_sha256"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"cannot read the settings in {run_dir / 'config.json'} ({e!r}): pass --overwrite "
-                             f"to start again") from None
-        changed = [f"--source {saved.get('source')} -> {source}"] if saved.get("source") != source else []
-        changed += [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(args, k)}" for k in SAME_ON_RESUME
-                    if k in saved and saved[k] != getattr(args, k)]  # (a key an older version did not save: skipped)
-        if "eval_tasks" in saved and set(saved["eval_tasks"]) != set(args.eval_tasks):
-            changed.append(f"--eval-tasks {' '.join(saved['eval_tasks'])} -> {' '.join(args.eval_tasks)}")
-        wanted_set = training_set_hash(source, args) if not changed else saved_set
-        if wanted_set != saved_set:
-            changed.append(f"the training set (cache {source.split(':')[0]}-{saved_set} -> {wanted_set}: other "
-                           f"generation settings, or built by a version with another answer rule)")
-        if changed:
-            raise ValueError(f"--resume continues {run_dir} with its own settings, but these differ: "
-                             f"{'; '.join(changed)}. Use the run's settings, or --overwrite / --run-name for a new run")
-        return True
-    if exists and not args.resume and not args.overwrite:
-        raise ValueError(f"run folder {run_dir} already exists: pass --resume to continue it, "
-                         f"--overwrite to replace it, or --run-name to pick another")
-    if exists and args.resume and (run_dir / "results.json").exists():
-        raise ValueError(f"{run_dir} holds a finished run without a checkpoint to resume; pass --overwrite to replace it")
-    return False  # a new run; --resume of a run killed before its first checkpoint starts it again
-
-
 def eval_task_list(args) -> list[str]:
     """The training task first, then the other evaluation tasks."""
     return [args.task] + [t for t in args.eval_tasks if t != args.task]
@@ -567,7 +407,6 @@ def eval_task_list(args) -> list[str]:
 def score_tasks(model, args, ctx: Context, task_names: list[str], folder: Path, label: str) -> dict:
     """Accuracy with its interval on the first --n-test test questions of each task; every answer
     is written to folder/eval-<task>.jsonl."""
-
     scores = {}
     for task in task_names:
         r = evaluate_task(model, ctx.tok, task, n=args.n_test, batch_size=args.eval_batch_size,
@@ -603,7 +442,6 @@ def evaluate_base(args, ctx: Context) -> tuple[dict, str]:
         done.update(score_tasks(model, args, ctx, missing, folder, "base"))
         write_json_atomic(path, {"model": args.model, "model_folder": where, "test": done})
     return done, str(folder)
-
 
 # ----------------------------------------------------------------------------------------------
 # CLI
@@ -746,7 +584,6 @@ def main(argv=None):
     if args.task not in tasks.TASKS or not tasks.has_train(args.task):
         trainable = [t for t in tasks.TASKS if tasks.has_train(t)]
         sys.exit(f"error: --task {args.task} has no training split here; train on one of {', '.join(trainable)}")
-
     rank, world = dist_setup(wait)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -756,10 +593,7 @@ def main(argv=None):
     held = contextlib.ExitStack()  # the run folders' locks, released however main ends
     try:
         for source in args.source:  # a run folder clash is an error now, not after hours of work
-            if rank == 0:  # one train.py per run folder: two would mix metrics and checkpoints
-                held.enter_context(exclusive_lock(lock_path(run_folder(source, args)),
-                                                          f"run folder {run_folder(source, args)}"))
-            plan_run_folder(run_folder(source, args), source, args)
+            held.enter_context(claim(source, args, rank))
         folder = resolve_model(args.model)
         check_lora_targets(folder, args.lora_targets)
         tok = Tokenizer.from_folder(folder)
@@ -768,17 +602,12 @@ def main(argv=None):
         if rank == 0:
             ctx.base, ctx.base_dir = evaluate_base(args, ctx)
         all_results = [run_source(source, args, ctx) for source in args.source]
-        if world > 1 and dist.get_backend() == "gloo":
-            # Leave together. Rank 0 tests each source alone after the last epoch; a gloo rank
-            # that tore the process group down meanwhile aborted once in CI ("terminate called
-            # without an active exception"). (NCCL: never seen there, no wait added.)
-            dist.monitored_barrier(timeout=wait)
+        leave_together(world, wait)
     except (ModelLoadError, FileNotFoundError, ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
     finally:
         held.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        close_process_group()
     if rank == 0:
         print_summary(all_results)
 
@@ -828,6 +657,20 @@ def familiarity_line(r: dict) -> str:
     else:
         meaning = "no clear familiarity gap at this many questions"
     return f"familiarity: {gap}: {meaning}."
+
+
+def lora_target_list(lora_targets: str) -> list[str] | str:
+    return lora_targets if lora_targets == "all-linear" else lora_targets.split(",")
+
+
+def check_lora_targets(model_folder: Path, lora_targets: str) -> None:
+    """ValueError now if --lora-targets selects no layer of this model (shapes only, no weights),
+    rather than after the base evaluation and the training set."""
+    with torch.device("meta"):
+        shapes = Transformer(ModelConfig.from_json(Path(model_folder) / "config.json"))
+    if not target_module_names(shapes, lora_target_list(lora_targets)):
+        raise ValueError(f"--lora-targets {lora_targets} selects no linear layer of this model (names look "
+                         f"like model.layers.0.self_attn.q_proj; e.g. q_proj,v_proj or all-linear)")
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def layers(graph: dict[str, dict[str, int]]) -> list[list[str]]:
 
 def test_the_module_imports_form_no_cycle():
     graph = import_graph()
-    assert {"fileio", "grading", "tasks", "sources", "eval", "train"} <= set(graph)
+    assert {"fileio", "grading", "tasks", "sources", "eval", "train", "runfolder"} <= set(graph)
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(
         f"{a} (line {graph[a][b]})" for a, b in zip(cycle, cycle[1:])) + f" -> {cycle[-1]}"
@@ -98,9 +98,10 @@ def test_the_layers_follow_the_method():
     depth = {m: k for k, layer in enumerate(layers(import_graph())) for m in layer}
     for helper in ("devices", "fileio", "grading", "stats", "tokenizer"):
         assert depth[helper] == 0, helper
-    assert depth["data"] < depth["nll"] < depth["sources"] < depth["perplexity"] < depth["eval"] \
-        < depth["train"] < depth["study"]
+    assert depth["data"] < depth["nll"] < depth["sources"] < depth["perplexity"] < depth["eval"] < depth["train"]
+    assert depth["eval"] < depth["study"]
     assert depth["tasks"] < depth["sources"] and depth["generation"] < depth["sources"]
+    assert depth["runfolder"] < depth["train"]
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import runfolder
 import train
 from data import collate, render
 from model import Transformer
@@ -233,13 +234,13 @@ def test_the_best_epoch_adapter_is_kept_and_tested(tiny_dir, tmp_path, monkeypat
         return {"task": task, "n": len(examples), "accuracy": next(val_scores), "ci_low": 0.0, "ci_high": 1.0,
                 "records": []}
     monkeypatch.setattr(train, "evaluate_task", scripted_validation)
-    real_save = train.save_checkpoint
+    real_save = runfolder.save_checkpoint
     per_epoch = []
 
     def save_and_keep(folder, *a, **k):
         real_save(folder, *a, **k)
         per_epoch.append(load_file(Path(folder) / "adapter" / "adapter_model.safetensors"))
-    monkeypatch.setattr(train, "save_checkpoint", save_and_keep)
+    monkeypatch.setattr(runfolder, "save_checkpoint", save_and_keep)
     scored = []
     monkeypatch.setattr(train, "score_tasks", lambda model, *a: scored.append(
         {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k})
@@ -295,7 +296,7 @@ def test_resume_after_kill_gives_the_same_adapter(tiny_dir, tmp_path, monkeypatc
     train.main(base_args(tiny_dir, tmp_path / "straight", epochs=3))
     straight = adapter(tmp_path / "straight" / "runs" / "r")
 
-    real_save = train.save_checkpoint
+    real_save = runfolder.save_checkpoint
     saves = []
 
     def killed_after_first_epoch(*a, **k):
@@ -304,10 +305,10 @@ def test_resume_after_kill_gives_the_same_adapter(tiny_dir, tmp_path, monkeypatc
         if len(saves) == 1:
             raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(train, "save_checkpoint", killed_after_first_epoch)
+    monkeypatch.setattr(runfolder, "save_checkpoint", killed_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         train.main(base_args(tiny_dir, tmp_path / "killed", epochs=3))
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(runfolder, "save_checkpoint", real_save)
     with pytest.raises(SystemExit, match="already exists"):  # no silent overwrite
         train.main(base_args(tiny_dir, tmp_path / "killed", epochs=3))
     train.main(base_args(tiny_dir, tmp_path / "killed", epochs=3) + ["--resume"])
@@ -344,11 +345,11 @@ def test_waiting_ranks_use_the_given_timeout(monkeypatch):
     7B model: the process group must get --dist-timeout-hours, not torch's 10-minute default."""
     seen = {}
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(train.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(train.dist, "init_process_group", lambda backend, timeout: seen.update(backend=backend, timeout=timeout))
-    monkeypatch.setattr(train.dist, "get_rank", lambda: 1)
-    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
-    assert train.dist_setup(datetime.timedelta(hours=3)) == (1, 2)
+    monkeypatch.setattr(runfolder.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(runfolder.dist, "init_process_group", lambda backend, timeout: seen.update(backend=backend, timeout=timeout))
+    monkeypatch.setattr(runfolder.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(runfolder.torch.cuda, "is_available", lambda: False)
+    assert runfolder.dist_setup(datetime.timedelta(hours=3)) == (1, 2)
     assert seen == {"backend": "gloo", "timeout": datetime.timedelta(hours=3)}
     assert train.build_parser().parse_args([]).dist_timeout_hours == 24
     for bad in ("0", "-1", "inf", "nan", "1e-9"):
