@@ -1,5 +1,5 @@
 """The paper's measure of familiarity: the untuned target model's perplexity on a training set's
-responses, conditioned on their prompts (paper section 3; DESIGN.md section 1).
+responses, conditioned on their prompts (paper section 3).
 
 For each example, the prompt and response are rendered with `data.render` (the same ids and loss
 mask as training), and the negative log-likelihood is summed over the masked tokens only: the

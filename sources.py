@@ -1,7 +1,7 @@
 """The response sources the paper compares: one training set per source, on the same questions.
 
 Each source answers the same training questions (tasks.splits(..., n_train=N)); only who wrote
-the responses differs (paper section 2; DESIGN.md section 1):
+the responses differs (paper section 2):
 
 | source                  | response                                                             |
 |-------------------------|----------------------------------------------------------------------|

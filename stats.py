@@ -1,5 +1,4 @@
-"""Paired statistics for comparing response sources on the same questions (DESIGN.md section 1,
-"Comparing sources honestly").
+"""Paired statistics for comparing response sources on the same questions.
 
 Every source answers the same questions and is tested on the same test questions, so two runs
 are compared per question, never as two independent samples:
