@@ -98,7 +98,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import fast
 import tasks
 from data import collate, length_buckets, render, render_prompt
-from fileio import check_output_file, write_json_atomic
+from fileio import DefaultsHelpFormatter, check_output_file, write_json_atomic
 from generation import generate, prefill
 from lora import inject_lora
 from model import KVCache, ModelConfig, Transformer
@@ -596,7 +596,8 @@ def decode_lines(results: list[dict], new_tokens: int) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description="Speed of our code vs HF transformers + PEFT, side by side.")
+    ap = argparse.ArgumentParser(description="Speed of our code vs HF transformers + PEFT, side by side.",
+                                 formatter_class=DefaultsHelpFormatter)
     w = ap.add_argument_group("what to run")
     w.add_argument("--model", default="smollm2-135m-instruct",
                    help="short name (smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct) or an HF-format folder")
@@ -620,16 +621,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--warmup", type=int, default=1, help="untimed iterations before timing")
     s.add_argument("--repeats", type=int, default=3, help="timed iterations; the median is reported")
     s.add_argument("--matmul-n", type=int, default=None,
-                   help="side of the square matmul that measures the peak (default 2048 CPU, 8192 CUDA)")
+                   help="side of the square matmul that measures the peak (default: 2048 on CPU, 512 with "
+                        "--quick, 8192 on CUDA)")
     ap.add_argument("--grad-checkpoint", action="store_true",
                     help="train row: activation checkpointing on both sides (train.py --grad-checkpoint; "
                          "HF's gradient_checkpointing_enable, non-reentrant)")
     ap.add_argument("--random-weights", action="store_true",
                     help="use seeded random weights of the model's shapes (the folder needs only config.json "
                          "and tokenizer files): same speed, for machines the real weights cannot reach")
-    ap.add_argument("--out", default=None, help="also write the results as JSON here (atomically)")
+    ap.add_argument("--out", default=None, help="also write the results as JSON here, atomically (default: none, print only)")
     ap.add_argument("--worker", default=None, metavar="SPEC",
-                    help="internal: run one job described by this JSON file (bench.py starts these itself)")
+                    help="internal: run one job described by this JSON file (bench.py starts these itself; "
+                         "default: none, the table of all jobs)")
     return ap
 
 

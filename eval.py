@@ -49,7 +49,7 @@ import stats
 import tasks
 from data import render
 from devices import best_device
-from fileio import (check_at_least_one, check_output_folder, progress_bar, write_atomic, write_json_atomic,
+from fileio import (DefaultsHelpFormatter, check_at_least_one, check_output_folder, progress_bar, write_atomic, write_json_atomic,
                     write_jsonl_atomic, write_text_atomic)
 from generation import generate_responses
 from grading import answers_match, extract_answer
@@ -669,18 +669,19 @@ SUBCOMMANDS = ("report", "extract", "humaneval-selfcheck")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter,
         description="Evaluate a model (optionally with a LoRA adapter): python eval.py --model M "
                     "--task gsm8k csqa --n 50. Subcommands: report, extract, humaneval-selfcheck.")
     p.add_argument("--model", default="smollm2-135m-instruct", help="short name or HF-format folder")
-    p.add_argument("--adapter", default=None, help="a LoRA adapter folder (e.g. runs/X/adapter)")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder, e.g. runs/X/adapter (default: none, the model alone)")
     p.add_argument("--task", nargs="+", default=["gsm8k"], help="tasks to evaluate (see tasks.py)")
-    p.add_argument("--n", type=int, default=None, help="first N test questions per task (default: all)")
+    p.add_argument("--n", type=int, default=None, help="first N test questions per task (default: all of them)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest generated answer")
     p.add_argument("--batch-size", type=int, default=32,
                    help="prompts per generation batch (on a CPU 32 rows decode ~1.35x faster than 2 x 16); "
                         "multiple choice scores one question's options at a time")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype")
-    p.add_argument("--device", default=None, help="cpu, cuda or mps (default: best available)")
+    p.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
     p.add_argument("--out", default=None,
                    help="folder for per-example records (eval-<task>.jsonl) and results.json "
                         "(default: runs/eval/<model>[--<adapter's run>])")
@@ -688,18 +689,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_subparser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Evaluation subcommands.")
+    p = argparse.ArgumentParser(description="Evaluation subcommands.", formatter_class=DefaultsHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    rp = sub.add_parser("report", help="compare finished runs: report.md and a perplexity/accuracy plot")
+    rp = sub.add_parser("report", formatter_class=DefaultsHelpFormatter,
+                        help="compare finished runs: report.md and a perplexity/accuracy plot")
     rp.add_argument("runs", nargs="+", help="run folders written by train.py")
     rp.add_argument("--out", default=None, help="where report.md goes (default: the runs' parent folder)")
-    ex = sub.add_parser("extract", help="print the answer extracted from a text")
+    ex = sub.add_parser("extract", formatter_class=DefaultsHelpFormatter, help="print the answer extracted from a text")
     ex.add_argument("--task", required=True, help=f"one of {', '.join(tasks.TASKS)}")
     ex.add_argument("--text", required=True, help="the model output to extract from")
-    ex.add_argument("--gold", default=None, help="if given, also print whether it matches")
-    he = sub.add_parser("humaneval-selfcheck",
+    ex.add_argument("--gold", default=None, help="the gold answer: also print whether it matches (default: none, extract only)")
+    he = sub.add_parser("humaneval-selfcheck", formatter_class=DefaultsHelpFormatter,
                         help="run the canonical solutions through the sandbox (all should pass)")
-    he.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    he.add_argument("--limit", type=int, default=None, help="only the first N problems (default: all 164)")
     he.add_argument("--timeout", type=float, default=5.0, help="seconds per problem")
     he.add_argument("--memory-mb", type=int, default=512, help="address-space limit per problem")
     return p

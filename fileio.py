@@ -1,6 +1,7 @@
 """Small helpers shared by every command, one of each: reading user-supplied JSON / JSONL files,
-the atomic write, the checks of a place results will go, the lock file, the progress bar and the
-lookup of a file shipped inside an installed package.
+the --help format and value checks of a command line, the atomic write, the checks of a place
+results will go, the lock file, the progress bar and the lookup of a file shipped inside an
+installed package.
 
 The bottom of the import graph: it imports nothing from this project, and every other module may
 import it. Errors are ValueErrors (FileNotFoundError for a missing file) whose message names the
@@ -9,6 +10,7 @@ file, the flag and the line or item, so a command can print them as one line.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import importlib.util
@@ -22,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------
-# Reading what the user gives
+# Reading what the user gives: files and command lines
 
 
 def check_input_file(path, label: str) -> None:
@@ -69,6 +71,18 @@ def read_json_rows(path, what: str, label: str) -> tuple[list[tuple[int, dict]],
         if not isinstance(row, dict):
             raise ValueError(f"{path}: {where} {n} is not a JSON object")
     return numbered, where
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every command's --help shows each flag's default, as argparse's ArgumentDefaultsHelpFormatter
+    does, except where the help states the default itself ("default: the best available"): a flag
+    whose default None stands for something, which "(default: None)" would hide. Required flags
+    have no default to show."""
+
+    def _get_help_string(self, action):  # the hook ArgumentDefaultsHelpFormatter itself overrides
+        if action.required or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def check_at_least_one(**flags) -> None:

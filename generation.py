@@ -28,7 +28,7 @@ import torch
 import fast
 from data import length_buckets, render_prompt
 from devices import best_device
-from fileio import progress_bar
+from fileio import DefaultsHelpFormatter, progress_bar
 from model import DTYPES, KVCache, ModelLoadError, Transformer
 from pretrained import resolve_model
 from tokenizer import Tokenizer
@@ -226,7 +226,8 @@ def generate_responses(model, tok: Tokenizer, prompts: list[str], max_new_tokens
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Generate a continuation with our Llama-family model.")
+    ap = argparse.ArgumentParser(description="Generate a continuation with our Llama-family model.",
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct",
                     help="a packaged model's short name (see pretrained.py) or an HF-format folder")
     ap.add_argument("--prompt", required=True, help="the text to continue (or the user turn with --chat)")
@@ -235,8 +236,8 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling")
     ap.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
-    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: the checkpoint's")
-    ap.add_argument("--device", default=None, help="cpu, cuda or mps (default: best available)")
+    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="compute dtype (default: the checkpoint's)")
+    ap.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
     args = ap.parse_args(argv)
     if not args.prompt:
         sys.exit("error: --prompt is empty; give the text to continue")

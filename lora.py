@@ -40,7 +40,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from fileio import replacing_folder
+from fileio import DefaultsHelpFormatter, replacing_folder
 from model import ModelLoadError, Transformer
 from pretrained import resolve_model
 
@@ -402,9 +402,10 @@ def _lora_names_matching(model: nn.Module, targets: list[str] | str) -> list[str
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Show which modules LoRA targets and how many parameters train.")
+    ap = argparse.ArgumentParser(description="Show which modules LoRA targets and how many parameters train.",
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("model", help="an HF-format model folder (or a packaged model's short name)")
-    ap.add_argument("--adapter", default=None, help="an adapter folder to load instead of a fresh LoRA")
+    ap.add_argument("--adapter", default=None, help="an adapter folder to load (default: none, a fresh LoRA with the flags below)")
     ap.add_argument("--targets", default="q_proj,v_proj",
                     help="comma-separated module-name suffixes, or all-linear (paper: q_proj,v_proj)")
     ap.add_argument("--r", type=int, default=8, help="LoRA rank (paper: 8)")

@@ -41,7 +41,7 @@ import tasks
 import tokenview
 from data import Rendered
 from devices import best_device
-from fileio import check_at_least_one, check_output_file, write_json_atomic
+from fileio import DefaultsHelpFormatter, check_at_least_one, check_output_file, write_json_atomic
 from model import KVCache, ModelLoadError, Transformer
 from nll import ExampleNLL, example_nlls, head_chunk_rows, render_pairs, row_nll_sums
 from pretrained import resolve_model
@@ -153,26 +153,27 @@ def format_table(results: list[dict]) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Perplexity of the untuned model on each source's responses.")
+    ap = argparse.ArgumentParser(description="Perplexity of the untuned model on each source's responses.",
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="short name or HF-format folder")
     ap.add_argument("--task", default="gsm8k", help="task whose training questions are measured")
     ap.add_argument("--source", nargs="+", default=["human"],
                     help=f"response sources ({sources.SOURCES_HELP})")
-    ap.add_argument("--n", type=int, default=None, help="first N training questions (default: sources.py's)")
+    ap.add_argument("--n", type=int, default=None, help="first N training questions (default: sources.py's, 32)")
     ap.add_argument("--seed", type=int, default=0, help="split seed (same questions for every source)")
     sources.add_question_args(ap)
     ap.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                     help="compute dtype; bf16 is faster, see the README for its distance from fp32")
-    ap.add_argument("--device", default=None, help="cpu, cuda or mps (default: best available)")
-    ap.add_argument("--out", default=None, help="write the JSON results here (atomically)")
+    ap.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
+    ap.add_argument("--out", default=None, help="write the JSON results here, atomically (default: none, print the table only)")
     v = ap.add_argument_group("the per-token view (tokenview.py)")
     v.add_argument("--show", type=int, default=None, metavar="N",
                    help="print the first N questions' responses token by token, coloured by NLL, and a "
                         "summary of which tokens make each source unfamiliar (default: off)")
     v.add_argument("--html", default=None, metavar="FILE",
                    help="write the same view as one self-contained HTML page: the first --show questions "
-                        "(default 2) side by side, NLL on hover, a histogram per source (default: off)")
+                        "(2 if --show is not given) side by side, NLL on hover, a histogram per source (default: off)")
     g = ap.add_argument_group("the sources' generation settings (as sources.py; they pick the built set)")
     sources.add_generation_args(g)
     g.add_argument("--gen-dtype", default="bf16", choices=["fp32", "bf16", "fp16"],

@@ -56,7 +56,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from fileio import package_file
+from fileio import DefaultsHelpFormatter, package_file
 
 PACKAGED = {
     "smollm2-135m-instruct": {
@@ -306,9 +306,10 @@ def write_json(path: Path, obj) -> None:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Convert the packaged GGUF models into HF-format folders.")
+    ap = argparse.ArgumentParser(description="Convert the packaged GGUF models into HF-format folders.",
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("names", nargs="*", default=[DEFAULT_MODEL],
-                    help=f"short names ({', '.join(PACKAGED)}) or folders; default {DEFAULT_MODEL}")
+                    help=f"short names ({', '.join(PACKAGED)}) or folders")
     args = ap.parse_args(argv)
     for name in args.names:
         try:

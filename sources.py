@@ -76,7 +76,7 @@ import fast
 import tasks
 from data import render, show
 from devices import best_device
-from fileio import (append_records, check_at_least_one, check_input_file, check_output_folder, exclusive_lock,
+from fileio import (DefaultsHelpFormatter, append_records, check_at_least_one, check_input_file, check_output_folder, exclusive_lock,
                     progress_bar, read_json_rows, write_json_atomic, write_jsonl_atomic)
 from generation import check_sampling, generate_responses
 from grading import answers_match, extract_answer
@@ -265,19 +265,19 @@ def add_generation_args(group, max_new_tokens: bool = True) -> None:
     key, so train.py and perplexity.py take them too: with the same values they find the set that
     `python sources.py` built, instead of building another with the defaults."""
     group.add_argument("--k", type=int, default=None,
-                       help="self: samples per question before rationalisation (default 2)")
-    group.add_argument("--temperature", type=float, default=None, help="self: sampling temperature (default 0.7)")
-    group.add_argument("--top-p", type=float, default=None, help="self: nucleus mass (default 0.95)")
+                       help="self: samples per question before rationalisation (default: 2)")
+    group.add_argument("--temperature", type=float, default=None, help="self: sampling temperature (default: 0.7)")
+    group.add_argument("--top-p", type=float, default=None, help="self: nucleus mass (default: 0.95)")
     if max_new_tokens:
-        group.add_argument("--max-new-tokens", type=int, default=None, help="longest response (default 200)")
+        group.add_argument("--max-new-tokens", type=int, default=None, help="longest response (default: 200)")
     group.add_argument("--self-fallback", choices=["ground_truth", "drop"], default=None,
                        help="self: what to do when neither sampling nor rationalisation is correct "
-                            "(default ground_truth; drop keeps only the model's own correct answers)")
+                            "(drop keeps only the model's own correct answers; default: ground_truth)")
     group.add_argument("--filter-correct", action="store_true", default=None,
                        help="teacher, paraphrase: drop answers whose final answer is wrong (default: keep all, as the paper)")
     group.add_argument("--gen-batch-size", type=int, default=None,
-                       help="prompts per generation batch (default 16; sources.py --batch-size); bf16 sampling "
-                            "depends on the batching, so it is part of the cache key")
+                       help="prompts per generation batch (sources.py --batch-size); bf16 sampling depends on the "
+                            "batching, so it is part of the cache key (default: 16)")
 
 
 def add_question_args(group) -> None:
@@ -676,7 +676,8 @@ def main(argv=None):
 
 
 def build_main(argv) -> None:
-    ap = argparse.ArgumentParser(description="Build a training set from one response source (cached). Subcommand: "
+    ap = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter,
+                                 description="Build a training set from one response source (cached). Subcommand: "
                                              "show (a built set's examples with the trained tokens marked).")
     ap.add_argument("--source", required=True,
                     help=SOURCES_HELP)
@@ -687,10 +688,10 @@ def build_main(argv) -> None:
     add_question_args(ap)
     g = ap.add_argument_group("generation")
     add_generation_args(g)
-    g.add_argument("--batch-size", type=int, default=None, help="the same as --gen-batch-size")
+    g.add_argument("--batch-size", type=int, default=None, help="the same as --gen-batch-size (default: --gen-batch-size's)")
     g.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"],
                    help="generation dtype (bf16: ~2x faster on CPU; part of the cache key)")
-    g.add_argument("--device", default=None, help="cpu, cuda or mps (default: best available)")
+    g.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
     args = ap.parse_args(argv)
     try:
         check_at_least_one(n_train=args.n_train)  # before an empty set is built and cached
@@ -713,7 +714,7 @@ def build_main(argv) -> None:
 def show_main(argv) -> None:
     """The loss mask, visible: a built training set's first examples rendered as they are trained
     on, the trained tokens between ⟦ ⟧ (data.render and data.show). It reads the cache only."""
-    ap = argparse.ArgumentParser(prog="sources.py show",
+    ap = argparse.ArgumentParser(prog="sources.py show", formatter_class=DefaultsHelpFormatter,
                                  description="Inspect rendered training examples and their loss mask.")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="short name or HF-format folder")
     ap.add_argument("--task", default="gsm8k", help="task name (see tasks.py)")
@@ -721,7 +722,8 @@ def show_main(argv) -> None:
                     help="response source: human, or any source built by sources.py (reads its cache)")
     ap.add_argument("--n", type=int, default=2, help="how many training examples to show")
     ap.add_argument("--n-train", type=int, default=None,
-                    help=f"size of the built training set to read (sources.py --n-train; default {DEFAULT_N_TRAIN})")
+                    help=f"size of the built training set to read, as built by sources.py --n-train "
+                         f"(default: {DEFAULT_N_TRAIN})")
     ap.add_argument("--seed", type=int, default=0, help="split seed")
     add_question_args(ap)
     args = ap.parse_args(argv)

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from eval import gold_loglik, load_answers, write_report
-from fileio import write_json_atomic, write_jsonl_atomic
+from fileio import DefaultsHelpFormatter, write_json_atomic, write_jsonl_atomic
 from runfolder import git_commit
 
 ROOT = Path(__file__).resolve().parent
@@ -166,11 +166,12 @@ def status(name: str, work: Path) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Run a whole study, resumably (run it again to continue).",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("cmd", choices=["run", "status"], help="run (or continue) the study, or show where it stands")
     ap.add_argument("study", choices=sorted(STUDIES), help="which study")
     ap.add_argument("--paper-data", default=None,
-                    help="the dataset/GSM8K folder of a clone of the paper's repository (needed by run)")
+                    help="the dataset/GSM8K folder of a clone of the paper's repository (default: none; run needs "
+                         "it, status does not)")
     ap.add_argument("--work", default=None, help="where runs and logs go (default: studies/<study>)")
     ap.add_argument("--out", default=None, help="where the results are exported (default: docs/results/<study>)")
     args, extra = ap.parse_known_args(argv)  # anything else goes to every train.py run

@@ -51,7 +51,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fileio import MissingPackageError, package_file, read_json_rows
+from fileio import DefaultsHelpFormatter, MissingPackageError, package_file, read_json_rows
 from grading import last_boxed
 
 # ----------------------------------------------------------------------------------------------
@@ -447,7 +447,8 @@ def splits(task: str, n_train: int | None = None, n_val: int = 100, seed: int = 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Show a task's examples (prompt, human answer, gold) or split sizes.")
+    p = argparse.ArgumentParser(description="Show a task's examples (prompt, human answer, gold) or split sizes.",
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--task", default="gsm8k", choices=list(TASKS), help="task to show")
     p.add_argument("--split", default="train", choices=["train", "val", "test"],
                    help="which split of tasks.splits() to show")

@@ -44,6 +44,8 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer as RustTokenizer
 
+from fileio import DefaultsHelpFormatter
+
 CHAT_FAMILIES = ("chatml", "llama2", "mistral", "llama3")
 ROLES = ("system", "user", "assistant")
 
@@ -386,12 +388,12 @@ class Tokenizer:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Render a one-turn chat with a checkpoint's template "
-                                             "and show its tokens.")
+    ap = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter,
+                                 description="Render a one-turn chat with a checkpoint's template and show its tokens.")
     ap.add_argument("folder", help="an HF-format folder with tokenizer.json (e.g. one pretrained.py made)")
     ap.add_argument("--user", default="What is 7*8?", help="the user message")
-    ap.add_argument("--system", default=None, help="an optional system message")
-    ap.add_argument("--assistant", default=None, help="an optional assistant answer after the user turn")
+    ap.add_argument("--system", default=None, help="a system message (default: none; a template may add its own)")
+    ap.add_argument("--assistant", default=None, help="an assistant answer after the user turn (default: none, the chat ends with the user turn)")
     args = ap.parse_args(argv)
     try:
         tok = Tokenizer.from_folder(args.folder)

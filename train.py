@@ -54,7 +54,7 @@ import tasks
 from data import Batch, collate, length_buckets, render
 from devices import best_device, usable_device
 from eval import evaluate_task
-from fileio import check_at_least_one, check_output_folder, progress_bar, write_json_atomic
+from fileio import DefaultsHelpFormatter, check_at_least_one, check_output_folder, progress_bar, write_json_atomic
 from lora import LoRAConfig, count_parameters, inject_lora, load_adapter, target_module_names, update_ratios
 from model import ModelConfig, ModelLoadError, Transformer
 from nll import example_nlls, response_nll
@@ -448,7 +448,8 @@ def evaluate_base(args, ctx: Context) -> tuple[dict, str]:
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(description="Fine-tune on one or more response sources and compare them.")
+    ap = argparse.ArgumentParser(description="Fine-tune on one or more response sources and compare them.",
+                                 formatter_class=DefaultsHelpFormatter)
     g = ap.add_argument_group("experiment")
     g.add_argument("--source", nargs="+", default=["self"],
                    help=f"response source(s): {sources.SOURCES_HELP}")
@@ -457,11 +458,12 @@ def build_parser():
     g.add_argument("--eval-tasks", nargs="*", default=["gsm8k", "csqa"],
                    help="tasks evaluated after training (forgetting); the training task always is")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="'paper': the paper's setting (1000 examples, batch 30, 10 epochs, bf16), for a GPU")
+                   help="'paper': the paper's setting (1000 examples, batch 30, 10 epochs, bf16), for a GPU "
+                        "(default: none, the CPU-sized defaults below)")
     g.add_argument("--seed", type=int, default=0, help="seed of the split, sampling, LoRA init and data order")
     g.add_argument("--n-train", type=int, default=32, help="training questions (first N of the seeded shuffle)")
     g.add_argument("--n-val", type=int, default=16, help="validation questions, carved from the training split")
-    g.add_argument("--n-test", type=int, default=32, help="test questions per task (default small for CPU)")
+    g.add_argument("--n-test", type=int, default=32, help="test questions per task, small for a CPU (--preset paper: all)")
     g.add_argument("--max-new-tokens", type=int, default=200, help="longest generated answer (sources and evaluation)")
     sources.add_question_args(g)
     sources.add_generation_args(ap.add_argument_group("building sources (as sources.py; part of each set's cache key)"),
@@ -490,7 +492,7 @@ def build_parser():
                    help="weights dtype (CUDA always autocasts to bf16/fp16); bf16 is ~2x faster on CPU")
     s.add_argument("--gen-dtype", default="bf16", choices=["fp32", "bf16", "fp16"],
                    help="dtype for building sources by generation (sources.py --dtype)")
-    s.add_argument("--device", default=None, help="cpu, cuda or mps (default: best available)")
+    s.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
     s.add_argument("--eval-batch-size", type=int, default=32,
                    help="batch size for perplexity and evaluation (32: on a CPU a decoding step of 32 rows costs "
                         "~1.5x one of 16, so evaluation generates ~1.35x faster; in fp32 greedy answers do not depend "

@@ -2,6 +2,7 @@
 non-zero, no traceback, and it comes before the work (nothing is evaluated or written first)."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -100,3 +101,29 @@ def test_lora_settings_that_cannot_work(field, value, needle):
     from lora import LoRAConfig
     with pytest.raises(ValueError, match=needle):
         LoRAConfig(**{field: value})
+
+
+@pytest.mark.parametrize("module,argv", [
+    ("train", []), ("eval", []), ("eval", ["report"]), ("eval", ["extract"]), ("eval", ["humaneval-selfcheck"]),
+    ("perplexity", []), ("sources", []), ("sources", ["show"]), ("generation", []), ("bench", []), ("study", []),
+    ("pretrained", []), ("tasks", []), ("lora", []), ("tokenizer", []),
+])
+def test_help_shows_the_defaults(module, argv, capsys, monkeypatch):
+    """Every flag's --help says its default, and a default of None says what it stands for."""
+    import importlib
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(argv + ["--help"])
+    assert e.value.code == 0
+    usage, text = capsys.readouterr().out.split("\n\n", 1)
+    required = set(re.findall(r"(?<=\s)(--[\w-]+)", usage))  # (the usage brackets the optional ones)
+    entries = []  # one per argument, its wrapped help lines joined
+    for line in text.splitlines():
+        if re.match(r"  \S", line):
+            entries.append(line.strip())
+        elif line.startswith("    ") and entries:
+            entries[-1] += " " + line.strip()
+    flags = [e for e in entries if e.startswith("--") and e.split()[0] not in required]
+    assert flags or module == "pretrained"  # (pretrained.py takes only model names)
+    assert all("default:" in f for f in flags), [f for f in flags if "default:" not in f]
+    assert not [f for f in flags if "(default: None)" in f]

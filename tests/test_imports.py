@@ -96,7 +96,7 @@ def test_project_modules_are_imported_at_the_top():
 def test_the_layers_follow_the_method():
     """The low-level helpers import nothing of ours; the experiment sits above what it uses."""
     depth = {m: k for k, layer in enumerate(layers(import_graph())) for m in layer}
-    for helper in ("devices", "fileio", "grading", "stats", "tokenizer"):
+    for helper in ("devices", "fileio", "grading", "stats"):
         assert depth[helper] == 0, helper
     assert depth["data"] < depth["nll"] < depth["sources"] < depth["perplexity"] < depth["eval"] < depth["train"]
     assert depth["eval"] < depth["study"]
