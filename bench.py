@@ -576,7 +576,8 @@ def decode_lines(results: list[dict], new_tokens: int) -> list[str]:
     for (dt, B), r in by.items():
         step_s = (r["median_s"] - r["prefill_s"]) / max(new_tokens - 1, 1)
         lines.append(f"ours {dt} gen@{B}: prefill {r['prefill_s']:.2f} s, then {new_tokens - 1} decoding steps of "
-                     f"{1e3 * step_s:.1f} ms on average, of which matrix products alone {1e3 * r['products_per_step_s']:.1f} ms")
+                     f"{1e3 * step_s:.1f} ms on average, of which matrix products alone "
+                     f"{1e3 * r['products_per_step_s']:.1f} ms")
     for dt in dict.fromkeys(d for d, _ in by):
         batches = sorted(B for d, B in by if d == dt)
         if len(batches) < 2:
@@ -611,8 +612,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny smoke run: small batches, 4 new tokens, no warm-up, 1 repeat")
     s = ap.add_argument_group("sizes")
     s.add_argument("--ppl-examples", type=int, default=32, help="GSM8K pairs scored per perplexity iteration")
-    s.add_argument("--ppl-batch", type=int, default=16, help="pairs per forward, grouped by length (perplexity.py's default)")
-    s.add_argument("--train-batch", type=int, default=16, help="GSM8K pairs per optimiser step (train.py's --batch-size)")
+    s.add_argument("--ppl-batch", type=int, default=16,
+                   help="pairs per forward, grouped by length (perplexity.py's default)")
+    s.add_argument("--train-batch", type=int, default=16,
+                   help="GSM8K pairs per optimiser step (train.py's --batch-size)")
     s.add_argument("--micro-batch", type=int, default=8, help="pairs per forward/backward, grouped by length "
                                                               "(train.py's default --micro-batch)")
     s.add_argument("--gen-batch", type=int, nargs="+", default=[1, 16], help="generation batch sizes")
@@ -629,7 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--random-weights", action="store_true",
                     help="use seeded random weights of the model's shapes (the folder needs only config.json "
                          "and tokenizer files): same speed, for machines the real weights cannot reach")
-    ap.add_argument("--out", default=None, help="also write the results as JSON here, atomically (default: none, print only)")
+    ap.add_argument("--out", default=None,
+                    help="also write the results as JSON here, atomically (default: none, print only)")
     ap.add_argument("--worker", default=None, metavar="SPEC",
                     help="internal: run one job described by this JSON file (bench.py starts these itself; "
                          "default: none, the table of all jobs)")
@@ -642,7 +646,8 @@ def main(argv=None):
     if args.worker:
         return worker_main(args.worker)
     if args.quick:  # smaller defaults; sizes given explicitly on the command line still win
-        parser.set_defaults(ppl_examples=2, ppl_batch=2, train_batch=2, micro_batch=1, new_tokens=4, gen_batch=[1, 4], warmup=0, repeats=1)
+        parser.set_defaults(ppl_examples=2, ppl_batch=2, train_batch=2, micro_batch=1, new_tokens=4, gen_batch=[1, 4],
+                            warmup=0, repeats=1)
         args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("error: --device cuda but torch sees no CUDA device; use --device cpu")
@@ -683,7 +688,8 @@ def main(argv=None):
           + f" (n={n}, best of 5)", flush=True)
 
     rows = [r for r in args.rows if r != "gen"] + ([f"gen@{b}" for b in args.gen_batch] if "gen" in args.rows else [])
-    base = {"model": args.model, "folder": folder, "random_weights": args.random_weights, "device": args.device, "threads": args.threads,
+    base = {"model": args.model, "folder": folder, "random_weights": args.random_weights, "device": args.device,
+            "threads": args.threads,
             "n_examples": max(args.ppl_examples, args.train_batch, max(args.gen_batch)),
             "ppl_examples": args.ppl_examples, "ppl_batch": args.ppl_batch,
             "train_batch": args.train_batch, "micro_batch": args.micro_batch,

@@ -49,8 +49,8 @@ import stats
 import tasks
 from data import render
 from devices import best_device
-from fileio import (DefaultsHelpFormatter, check_at_least_one, check_output_folder, progress_bar, write_atomic, write_json_atomic,
-                    write_jsonl_atomic, write_text_atomic)
+from fileio import (DefaultsHelpFormatter, check_at_least_one, check_output_folder, progress_bar, write_atomic,
+                    write_json_atomic, write_jsonl_atomic, write_text_atomic)
 from generation import generate_responses
 from grading import answers_match, extract_answer
 from lora import load_adapter, merge_lora
@@ -358,7 +358,7 @@ def extract_code(output: str, problem: dict) -> str:
     code = blocks[0] if blocks else output
     if re.search(rf"def\s+{re.escape(problem['entry_point'])}\s*\(", code):
         # the reply redefines the function: keep the prompt's imports, then the reply's code
-        imports = "\n".join(l for l in problem["prompt"].splitlines() if l.startswith(("import ", "from ")))
+        imports = "\n".join(line for line in problem["prompt"].splitlines() if line.startswith(("import ", "from ")))
         return "\n    pass\n\n" + imports + "\n" + code  # closes the prompt's def, then redefines it
     return code
 
@@ -461,7 +461,8 @@ def load_run(path) -> dict:
         run = json.loads(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{f} is not readable JSON ({e})") from None
-    missing = [k for k in ("source", "model", "task", "test", "perplexity") if not isinstance(run, dict) or k not in run]
+    missing = [k for k in ("source", "model", "task", "test", "perplexity")
+               if not isinstance(run, dict) or k not in run]
     if missing:  # e.g. a runs/base-... folder, which holds only the untuned model's scores
         raise ValueError(f"{f} is not a trained run's results (no {', '.join(missing)}): give the run folders "
                          f"train.py made, runs/<task>-<source>-<model>-s<seed>")
@@ -673,7 +674,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a model (optionally with a LoRA adapter): python eval.py --model M "
                     "--task gsm8k csqa --n 50. Subcommands: report, extract, humaneval-selfcheck.")
     p.add_argument("--model", default="smollm2-135m-instruct", help="short name or HF-format folder")
-    p.add_argument("--adapter", default=None, help="a LoRA adapter folder, e.g. runs/X/adapter (default: none, the model alone)")
+    p.add_argument("--adapter", default=None,
+                   help="a LoRA adapter folder, e.g. runs/X/adapter (default: none, the model alone)")
     p.add_argument("--task", nargs="+", default=["gsm8k"], help="tasks to evaluate (see tasks.py)")
     p.add_argument("--n", type=int, default=None, help="first N test questions per task (default: all of them)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest generated answer")
@@ -698,7 +700,8 @@ def build_subparser() -> argparse.ArgumentParser:
     ex = sub.add_parser("extract", formatter_class=DefaultsHelpFormatter, help="print the answer extracted from a text")
     ex.add_argument("--task", required=True, help=f"one of {', '.join(tasks.TASKS)}")
     ex.add_argument("--text", required=True, help="the model output to extract from")
-    ex.add_argument("--gold", default=None, help="the gold answer: also print whether it matches (default: none, extract only)")
+    ex.add_argument("--gold", default=None,
+                    help="the gold answer: also print whether it matches (default: none, extract only)")
     he = sub.add_parser("humaneval-selfcheck", formatter_class=DefaultsHelpFormatter,
                         help="run the canonical solutions through the sandbox (all should pass)")
     he.add_argument("--limit", type=int, default=None, help="only the first N problems (default: all 164)")

@@ -405,7 +405,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Show which modules LoRA targets and how many parameters train.",
                                  formatter_class=DefaultsHelpFormatter)
     ap.add_argument("model", help="an HF-format model folder (or a packaged model's short name)")
-    ap.add_argument("--adapter", default=None, help="an adapter folder to load (default: none, a fresh LoRA with the flags below)")
+    ap.add_argument("--adapter", default=None,
+                    help="an adapter folder to load (default: none, a fresh LoRA with the flags below)")
     ap.add_argument("--targets", default="q_proj,v_proj",
                     help="comma-separated module-name suffixes, or all-linear (paper: q_proj,v_proj)")
     ap.add_argument("--r", type=int, default=8, help="LoRA rank (paper: 8)")

@@ -166,7 +166,8 @@ def main(argv=None):
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                     help="compute dtype; bf16 is faster, see the README for its distance from fp32")
     ap.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
-    ap.add_argument("--out", default=None, help="write the JSON results here, atomically (default: none, print the table only)")
+    ap.add_argument("--out", default=None,
+                    help="write the JSON results here, atomically (default: none, print the table only)")
     v = ap.add_argument_group("the per-token view (tokenview.py)")
     v.add_argument("--show", type=int, default=None, metavar="N",
                    help="print the first N questions' responses token by token, coloured by NLL, and a "

@@ -140,7 +140,8 @@ class RunFolder:
 
 
 def run_folder(source: str, args) -> Path:
-    name = args.run_name or f"{args.task}-{source.replace(':', '_').replace('/', '_')}-{args.model.split('/')[-1]}-s{args.seed}"
+    slug = source.replace(":", "_").replace("/", "_")
+    name = args.run_name or f"{args.task}-{slug}-{args.model.split('/')[-1]}-s{args.seed}"
     return Path(args.runs_dir) / name
 
 
@@ -206,7 +207,8 @@ def plan_run_folder(run_dir: Path, source: str, args) -> bool:
         raise ValueError(f"run folder {run_dir} already exists: pass --resume to continue it, "
                          f"--overwrite to replace it, or --run-name to pick another")
     if exists and args.resume and (run_dir / "results.json").exists():
-        raise ValueError(f"{run_dir} holds a finished run without a checkpoint to resume; pass --overwrite to replace it")
+        raise ValueError(f"{run_dir} holds a finished run without a checkpoint to resume; pass --overwrite to "
+                         f"replace it")
     return False  # a new run; --resume of a run killed before its first checkpoint starts it again
 
 

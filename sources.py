@@ -76,8 +76,8 @@ import fast
 import tasks
 from data import render, show
 from devices import best_device
-from fileio import (DefaultsHelpFormatter, append_records, check_at_least_one, check_input_file, check_output_folder, exclusive_lock,
-                    progress_bar, read_json_rows, write_json_atomic, write_jsonl_atomic)
+from fileio import (DefaultsHelpFormatter, append_records, check_at_least_one, check_input_file, check_output_folder,
+                    exclusive_lock, progress_bar, read_json_rows, write_json_atomic, write_jsonl_atomic)
 from generation import check_sampling, generate_responses
 from grading import answers_match, extract_answer
 from model import Transformer
@@ -224,8 +224,10 @@ def build_inputs(source, model, task, n_train, seed, gen, train_questions=None, 
     if split != "train":  # the held-out questions a run's validation loss is measured on
         inputs["split"], inputs["n_val"] = split, n_val
     if kind == "familiar":  # the candidates' own cache keys (file hashes included) and the rule
-        inputs["candidates"] = [{"source": c, "inputs_sha256": cache_folder(build_inputs(
-            c, model, task, n_train, seed, gen, train_questions, allow_unmatched, split, n_val)).name.rsplit("-", 1)[-1]} for c in familiar_candidates(arg)]
+        def key(c):
+            return cache_folder(build_inputs(c, model, task, n_train, seed, gen, train_questions, allow_unmatched,
+                                             split, n_val)).name.rsplit("-", 1)[-1]
+        inputs["candidates"] = [{"source": c, "inputs_sha256": key(c)} for c in familiar_candidates(arg)]
         inputs["selection"] = FAMILIAR_RULE
     return inputs
 
@@ -274,7 +276,8 @@ def add_generation_args(group, max_new_tokens: bool = True) -> None:
                        help="self: what to do when neither sampling nor rationalisation is correct "
                             "(drop keeps only the model's own correct answers; default: ground_truth)")
     group.add_argument("--filter-correct", action="store_true", default=None,
-                       help="teacher, paraphrase: drop answers whose final answer is wrong (default: keep all, as the paper)")
+                       help="teacher, paraphrase: drop answers whose final answer is wrong "
+                            "(default: keep all, as the paper)")
     group.add_argument("--gen-batch-size", type=int, default=None,
                        help="prompts per generation batch (sources.py --batch-size); bf16 sampling depends on the "
                             "batching, so it is part of the cache key (default: 16)")
@@ -312,8 +315,8 @@ class ModelCache:
     def get(self, name: str):
         if name not in self.loaded:
             folder = resolve_model(name)
-            self.loaded[name] = (fast.apply(Transformer.from_pretrained(folder, self.dtype, self.device or best_device())),
-                                 Tokenizer.from_folder(folder))
+            model = Transformer.from_pretrained(folder, self.dtype, self.device or best_device())
+            self.loaded[name] = (fast.apply(model), Tokenizer.from_folder(folder))
         return self.loaded[name]
 
 
@@ -688,7 +691,8 @@ def build_main(argv) -> None:
     add_question_args(ap)
     g = ap.add_argument_group("generation")
     add_generation_args(g)
-    g.add_argument("--batch-size", type=int, default=None, help="the same as --gen-batch-size (default: --gen-batch-size's)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="the same as --gen-batch-size (default: --gen-batch-size's)")
     g.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"],
                    help="generation dtype (bf16: ~2x faster on CPU; part of the cache key)")
     g.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")

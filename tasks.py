@@ -385,7 +385,8 @@ def match_questions(task: str, path, allow_unmatched: bool = False) -> dict:
             examples.append(e)
     if unmatched and not allow_unmatched:
         first = "; ".join(repr(" ".join(q.split())[:60]) for q in unmatched[:3])
-        raise ValueError(f"--train-questions {path}: {len(unmatched)} of {len(examples) + len(repeated) + len(unmatched)} "
+        asked = len(examples) + len(repeated) + len(unmatched)
+        raise ValueError(f"--train-questions {path}: {len(unmatched)} of {asked} "
                          f"questions are not in {task}'s training split (or are also test questions), first: "
                          f"{first}; pass --allow-unmatched to skip them")
     return {"examples": examples, "unmatched": unmatched, "repeated": repeated}
@@ -474,7 +475,8 @@ def main(argv=None) -> None:
         if args.split not in s:
             sys.exit(f"error: task {args.task!r} has no {args.split!r} split; it has: {', '.join(s)}")
         for e in s[args.split][: args.n]:
-            print(f"=== {e.id}  gold={e.gold!r}  meta={ {k: v for k, v in e.meta.items() if k not in ('test', 'problem')} }")
+            meta = {k: v for k, v in e.meta.items() if k not in ("test", "problem")}
+            print(f"=== {e.id}  gold={e.gold!r}  meta={meta}")
             print(f"--- prompt\n{e.prompt}\n--- answer\n{e.answer}\n")
     except (MissingPackageError, ValueError) as err:
         sys.exit(f"error: {err}")

@@ -393,7 +393,8 @@ def main(argv=None):
     ap.add_argument("folder", help="an HF-format folder with tokenizer.json (e.g. one pretrained.py made)")
     ap.add_argument("--user", default="What is 7*8?", help="the user message")
     ap.add_argument("--system", default=None, help="a system message (default: none; a template may add its own)")
-    ap.add_argument("--assistant", default=None, help="an assistant answer after the user turn (default: none, the chat ends with the user turn)")
+    ap.add_argument("--assistant", default=None,
+                    help="an assistant answer after the user turn (default: none, the chat ends with the user turn)")
     args = ap.parse_args(argv)
     try:
         tok = Tokenizer.from_folder(args.folder)

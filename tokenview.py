@@ -196,7 +196,8 @@ def summarize_sources(shown: list[Shown]) -> dict:
         for t in s.tokens:
             d["tokens"] += 1
             d["nll"] += t.nll
-            for table, key in (("classes", t.kind), ("keys", token_key(t.text) if t.kind != "end-of-turn" else "<eot>")):
+            key_of_token = token_key(t.text) if t.kind != "end-of-turn" else "<eot>"
+            for table, key in (("classes", t.kind), ("keys", key_of_token)):
                 c = d[table].setdefault(key, [0, 0.0])
                 c[0] += 1
                 c[1] += t.nll

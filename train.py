@@ -175,7 +175,8 @@ def run_source(source: str, args, ctx: Context) -> dict:
                "train_examples": len(rendered),
                "best_epoch": state["best_epoch"], "val_accuracy": state["best"],
                "validation_loss": validation_report(state["val_before"], state["best_val"]),
-               "lora_update": {"mean_ratio": sum(ratios) / len(ratios), "max_ratio": max(ratios), "layers": len(ratios)},
+               "lora_update": {"mean_ratio": sum(ratios) / len(ratios), "max_ratio": max(ratios),
+                               "layers": len(ratios)},
                "perplexity": {k: ppl[k] for k in ("n", "tokens", "mean_ppl", "pooled_ppl", "median_ppl")}}
     if human_ppl:
         results["perplexity_human"] = {k: v for k, v in human_ppl.items() if k != "per_example"}
@@ -463,23 +464,26 @@ def build_parser():
     g.add_argument("--seed", type=int, default=0, help="seed of the split, sampling, LoRA init and data order")
     g.add_argument("--n-train", type=int, default=32, help="training questions (first N of the seeded shuffle)")
     g.add_argument("--n-val", type=int, default=16, help="validation questions, carved from the training split")
-    g.add_argument("--n-test", type=int, default=32, help="test questions per task, small for a CPU (--preset paper: all)")
+    g.add_argument("--n-test", type=int, default=32,
+                   help="test questions per task, small for a CPU (--preset paper: all)")
     g.add_argument("--max-new-tokens", type=int, default=200, help="longest generated answer (sources and evaluation)")
     sources.add_question_args(g)
     sources.add_generation_args(ap.add_argument_group("building sources (as sources.py; part of each set's cache key)"),
                                 max_new_tokens=False)
-    l = ap.add_argument_group("LoRA")
-    l.add_argument("--lora-r", type=int, default=8, help="rank (paper: 8)")
-    l.add_argument("--lora-alpha", type=float, default=16, help="alpha; scale = alpha / r (paper: 16)")
-    l.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input (paper: 0)")
-    l.add_argument("--lora-targets", default="q_proj,v_proj",
-                   help="comma-separated module-name suffixes, or all-linear (paper: q_proj,v_proj)")
+    lo = ap.add_argument_group("LoRA")
+    lo.add_argument("--lora-r", type=int, default=8, help="rank (paper: 8)")
+    lo.add_argument("--lora-alpha", type=float, default=16, help="alpha; scale = alpha / r (paper: 16)")
+    lo.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input (paper: 0)")
+    lo.add_argument("--lora-targets", default="q_proj,v_proj",
+                    help="comma-separated module-name suffixes, or all-linear (paper: q_proj,v_proj)")
     o = ap.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=3, help="epochs; the best one on validation is kept")
-    o.add_argument("--batch-size", type=int, default=8, help="examples per optimiser step, across processes (paper: 30)")
+    o.add_argument("--batch-size", type=int, default=8,
+                   help="examples per optimiser step, across processes (paper: 30)")
     o.add_argument("--micro-batch", type=int, default=8, help="examples per forward pass (gradient accumulation)")
     o.add_argument("--lr", type=float, default=3e-3,
-                   help="peak learning rate (3e-3: the CPU sweep's best validation loss, docs/sweep; the paper: 5e-5 to 2e-4)")
+                   help="peak learning rate (3e-3: the CPU sweep's best validation loss, docs/sweep; the paper: "
+                        "5e-5 to 2e-4)")
     o.add_argument("--warmup-ratio", type=float, default=0.1, help="share of steps in linear warmup")
     o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     o.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
@@ -626,14 +630,16 @@ def print_summary(results: list[dict]):
         v = r["validation_loss"]
         val = f"{v['before']:.3f}>{v['after']:.3f} {100 * v['relative_change']:+.0f}%" if "before" in v else "n/a"
         flag = "" if v["learned"] else "  [!]"
-        print(f"{r['source']:<{w}} {r['perplexity']['mean_ppl']:>9.3f} {val:>21} {r['lora_update']['mean_ratio']:>8.1e} "
+        print(f"{r['source']:<{w}} {r['perplexity']['mean_ppl']:>9.3f} {val:>21} "
+              f"{r['lora_update']['mean_ratio']:>8.1e} "
               f"{str(r['best_epoch']):>7} " + " ".join(f"{c:>16}" for c in cells) + flag)
     for r in results:
         v = r["validation_loss"]
         if v["learned"] is None:
             print(f"[!] {r['source']}: {v['why']}; whether training moved the model is unknown")
         elif not v["learned"]:
-            print(f"[!] {r['source']}: the validation loss did not fall clearly ({v['before']:.3f} -> {v['after']:.3f}, "
+            print(f"[!] {r['source']}: the validation loss did not fall clearly "
+                  f"({v['before']:.3f} -> {v['after']:.3f}, "
                   f"per-example change {v['per_example_change']:+.3f} [{v['ci_low']:+.3f}, {v['ci_high']:+.3f}]): "
                   f"the tuned model is still close to the untuned one, so its scores are not a result; "
                   f"train longer or with a higher --lr")

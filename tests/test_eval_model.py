@@ -31,7 +31,7 @@ def test_greedy_accuracy_is_deterministic_and_auditable(smol, tmp_path):
     a = ev.evaluate_task(model, tok, "gsm8k", n=4, max_new_tokens=48, records_path=tmp_path / "a.jsonl")
     b = ev.evaluate_task(model, tok, "gsm8k", n=4, max_new_tokens=48, batch_size=2)
     assert a["records"] == b["records"]  # batch size and rerun change nothing
-    rows = [json.loads(l) for l in (tmp_path / "a.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and set(rows[0]) >= {"prompt", "output", "extracted", "gold", "correct"}
     assert a["accuracy"] == sum(r["correct"] for r in rows) / 4
     # (what each verdict should be is checked below, on scripted replies whose verdicts are known)
@@ -62,7 +62,7 @@ def test_gsm8k_verdicts_of_scripted_replies(monkeypatch, tmp_path):
     assert [x["gold"] for x in r["records"]] == [e.gold for e in test]
     assert [x["id"] for x in r["records"]] == [e.id for e in test]
     assert r["accuracy"] == 0.5 and (r["ci_low"], r["ci_high"]) == ev.accuracy_ci([1, 0, 0, 1])[1:]
-    assert [json.loads(l) for l in (tmp_path / "r.jsonl").read_text().splitlines()] == r["records"]
+    assert [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()] == r["records"]
 
 
 def test_math_verdicts_of_scripted_replies(monkeypatch):

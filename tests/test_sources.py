@@ -241,7 +241,7 @@ def test_paraphrase_rephrases_the_other_models_own_answer(monkeypatch):
     kept, manifest = sources.build(f"paraphrase:{OTHER}", n_train=2, progress=False, filter_correct=True)
     assert [r["id"] for r in kept] == [questions[1]["id"]]
     assert manifest["counts_by_path"] == {"dropped": 1, "paraphrase_correct": 1}
-    on_disk = [json.loads(l) for l in open(f"{manifest['cache_folder']}/data.jsonl")]
+    on_disk = [json.loads(line) for line in open(f"{manifest['cache_folder']}/data.jsonl")]
     assert on_disk[0]["response"] is None and on_disk[0]["path"] == "dropped"  # not trained on, kept on record
     assert (on_disk[0]["teacher_answer"], on_disk[0]["paraphrase"]) == (answer[0], paraphrase[0])
 

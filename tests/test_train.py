@@ -162,7 +162,7 @@ def test_lr_schedule_and_gradient_clipping(tiny_dir, tmp_path):
         peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 2 / 7))))
     # the run's metrics log the schedule step by step: 12 examples / batch 4 x 2 epochs = 6 steps
     train.main(base_args(tiny_dir, tmp_path, warmup_ratio=0.34))
-    rows = [json.loads(l) for l in (tmp_path / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in rows if "lr" in r]
     assert lrs == pytest.approx([train.lr_at(s, 6, 2, 1e-2) for s in range(6)])
     assert lrs[1] == pytest.approx(1e-2) and lrs[0] == pytest.approx(5e-3) and lrs[-1] < lrs[2]
@@ -192,7 +192,7 @@ def test_run_folder_and_loss_falls(tiny_dir, tmp_path):
     run = tmp_path / "runs" / "r"
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["seed"] == 0 and cfg["lora_r"] == 8 and "git_commit" in cfg and cfg["source"] == "human"
-    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in rows if "train_loss" in r]
     assert len(epochs) == 3 and epochs[-1]["train_loss"] < epochs[0]["train_loss"]
     results = json.loads((run / "results.json").read_text())
