@@ -5,7 +5,7 @@ questions of `tasks.splits("gsm8k")`, rendered by `data.render`), same dtype, sa
 command. Rows:
 
   ppl       perplexity forward, tokens/s: the first 32 pairs in length-grouped batches of 16, as
-            `perplexity.example_nlls` batches them. Ours: `perplexity.response_nll` per batch.
+            `nll.example_nlls` batches them. Ours: `nll.response_nll` per batch.
             HF: the same input_ids through `hf(input_ids).logits` + masked cross entropy.
   train     one LoRA optimiser step (q_proj, v_proj, r 8, alpha 16, dropout 0) over 16 pairs in
             length-grouped micro-batches of 8, as train.py accumulates them: forward + backward per
@@ -81,6 +81,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -91,6 +92,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import fast
+import tasks
+from data import collate, length_buckets, render, render_prompt
+from fileio import check_output_file, write_json_atomic
+from generation import generate, prefill
+from lora import inject_lora
+from model import KVCache, ModelConfig, Transformer
+from nll import response_nll
+from pretrained import resolve_model
+from tokenizer import Tokenizer
+from train import masked_nll_sum
 
 ROOT = Path(__file__).resolve().parent
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -210,9 +225,6 @@ class PeakMemory:
 
 def load_work(folder, n: int):
     """The first n GSM8K training pairs: (tokenizer, rendered chats, prompt ids)."""
-    import tasks
-    from data import render, render_prompt
-    from tokenizer import Tokenizer
 
     tok = Tokenizer.from_folder(folder)
     examples = tasks.splits("gsm8k")["train"][:n]
@@ -223,9 +235,6 @@ def load_work(folder, n: int):
 
 def random_weights_folder(src, dst) -> Path:
     """Copy config + tokenizer files of `src` into `dst` and add seeded random safetensors weights."""
-    import shutil
-    from safetensors.torch import save_file
-    from model import ModelConfig, Transformer
 
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
@@ -245,16 +254,14 @@ def random_weights_folder(src, dst) -> Path:
 
 
 def work_batches(rendered, n: int, batch_size: int, pad_id: int) -> list:
-    """The first n pairs in batches of similar length, as perplexity.example_nlls and train.py's
+    """The first n pairs in batches of similar length, as nll.example_nlls and train.py's
     micro-batches group them (data.length_buckets), so padding is as small as the product makes it."""
-    from data import collate, length_buckets
     items = rendered[:n]
     return [collate([items[i] for i in idx], pad_id)
             for idx in length_buckets([len(r.ids) for r in items], batch_size)]
 
 
 def read_shape(folder) -> dict:
-    from model import ModelConfig
     cfg = ModelConfig.from_json(Path(folder) / "config.json")
     d, hd = cfg.hidden_size, cfg.head_dim
     per_layer = d * cfg.num_attention_heads * hd + 2 * d * cfg.num_key_value_heads * hd \
@@ -315,14 +322,10 @@ def optimiser_step(model, nll_sum, spec: dict, rendered, pad_id: int):
 
 
 def job_ours(spec: dict, folder, tok, rendered, prompts) -> tuple:
-    import fast
-    from generation import generate
-    from model import Transformer
 
     device, dtype, row = spec["device"], spec["dtype"], spec["row"]
     model = fast.apply(Transformer.from_pretrained(folder, dtype, device))  # ILB_PLAIN=1: our plain model
     if row == "ppl":
-        from perplexity import response_nll
         batches = [b.to(device) for b in work_batches(rendered, spec["ppl_examples"], spec["ppl_batch"], tok.pad_id)]
 
         @torch.no_grad()
@@ -330,7 +333,6 @@ def job_ours(spec: dict, folder, tok, rendered, prompts) -> tuple:
             return [x for b in batches for x in response_nll(model, b)[0].tolist()]
         extra = {}
         if device.startswith("cuda"):  # is our attention call eligible for the flash kernel?
-            from torch.nn.attention import SDPBackend, sdpa_kernel
             try:
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # raises if flash cannot run this call
                     step()
@@ -339,8 +341,6 @@ def job_ours(spec: dict, folder, tok, rendered, prompts) -> tuple:
                 extra["sdpa_flash"] = False
         return model, step, extra
     if row == "train":
-        from lora import inject_lora
-        from train import masked_nll_sum
         inject_lora(model, ["q_proj", "v_proj"], r=8, alpha=16, dropout=0.0, seed=0)
         model.gradient_checkpointing = spec["grad_checkpoint"]
         model.train()
@@ -467,8 +467,6 @@ def decode_breakdown(model, prompts: list[list[int]], new_tokens: int, pad_id: i
     alone (as `generation.generate` runs it), and one decoding step's matrix products alone (every
     Linear of the model, head included, on a (B, 1, in) input: the kernels a step of B rows
     takes). The rest of a step is attention over the cache and the small ops between products."""
-    from generation import prefill
-    from model import KVCache
 
     B, P = len(prompts), max(len(p) for p in prompts)
 
@@ -510,9 +508,7 @@ def run_job_subprocess(spec: dict) -> dict:
 def worker_main(spec_path: str):
     spec = json.loads(Path(spec_path).read_text())
     result = run_job(spec)
-    tmp = spec["result"] + ".tmp"
-    Path(tmp).write_text(json.dumps(result))
-    os.replace(tmp, spec["result"])
+    write_json_atomic(spec["result"], result)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -659,7 +655,6 @@ def main(argv=None):
         sys.exit(f"error: --threads must be >= 0 (0 = torch's default) and --matmul-n at least 1; "
                  f"got {args.threads} and {args.matmul_n}")
     if args.out:  # checked now, not after the measurements
-        from sources import check_output_file
         try:
             check_output_file(args.out, "--out")
         except ValueError as e:
@@ -676,7 +671,6 @@ def main(argv=None):
             random_dir = tempfile.TemporaryDirectory(prefix="bench-random-")
             folder = str(random_weights_folder(src, random_dir.name))
         else:
-            from pretrained import resolve_model
             folder = str(resolve_model(args.model))  # convert once here, not in every worker
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
@@ -737,9 +731,7 @@ def main(argv=None):
             r.pop("output", None)
         payload = {"machine": info, "args": vars(args), "matmul_peak_flops": peaks,
                    "results": results, "ratios": ratios, "agreement": checks}
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload, indent=1))
-        os.replace(tmp, args.out)
+        write_json_atomic(args.out, payload)
         print(f"wrote {args.out}")
 
 

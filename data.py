@@ -15,14 +15,12 @@ tokens; we mask by character span on the tokenization of the whole conversation,
 exact when a tokenizer merges across the prompt/response boundary (SentencePiece's leading
 space in Llama-2's `[/INST] answer`).
 
-`python data.py show --task gsm8k --source human --n 2` prints examples with the trained
-tokens marked.
+`show` marks the trained tokens of a rendering; `python sources.py show --task gsm8k --source human
+--n 2` prints a training set's examples that way.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -122,39 +120,8 @@ def length_buckets(lengths: list[int], batch_size: int, max_tokens: int | None =
     return batches
 
 
-def generate_responses(model, tok: Tokenizer, prompts: list[str], max_new_tokens: int = 256,
-                       temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                       batch_size: int = 16, system: str | None = None, progress: bool = False,
-                       return_finished: bool = False) -> list[str] | tuple[list[str], list[bool]]:
-    """The model's reply to each prompt through its chat template, in input order.
-
-    Prompts of similar length share a batch. Sampling draws from one seeded generator per batch
-    (seed, batch number), so a given list of prompts always gets the same replies.
-    With `return_finished`, also whether each reply ended by itself (its end-of-turn token) rather
-    than being cut off at max_new_tokens.
-    """
-    from generation import generate
-
-    ids = [render_prompt(tok, p, system) for p in prompts]
-    batches = length_buckets([len(x) for x in ids], batch_size)
-    out: list[str | None] = [None] * len(prompts)
-    finished: list[bool | None] = [None] * len(prompts)
-    it = batches
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(batches, desc="generate", unit="batch", file=sys.stderr)
-    for k, idx in enumerate(it):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + k)
-        new = generate(model, [ids[i] for i in idx], max_new_tokens, temperature, top_p, gen,
-                       stop_ids=tok.stop_ids, pad_id=tok.pad_id)
-        for i, n in zip(idx, new):
-            out[i] = tok.decode(n).strip()
-            finished[i] = len(n) < max_new_tokens  # generate() leaves the stop token out
-    return (out, finished) if return_finished else out
-
-
 # ----------------------------------------------------------------------------------------------
-# CLI: show which tokens are trained on
+# The loss mask, visible (`python sources.py show` prints built examples with it)
 
 
 def show(tok: Tokenizer, r: Rendered) -> str:
@@ -169,50 +136,3 @@ def show(tok: Tokenizer, r: Rendered) -> str:
         cur = m
         run.append(i)
     return "".join(out)
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Inspect rendered training examples and their loss mask.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("show", help="print examples with the trained tokens marked ⟦like this⟧")
-    s.add_argument("--model", default="smollm2-135m-instruct", help="short name or HF-format folder")
-    s.add_argument("--task", default="gsm8k", help="task name (see tasks.py)")
-    s.add_argument("--source", default="human",
-                   help="response source: human, or any source built by sources.py (reads its cache)")
-    s.add_argument("--n", type=int, default=2, help="how many training examples to show")
-    s.add_argument("--n-train", type=int, default=None,
-                   help="size of the built training set to read (sources.py --n-train; default its default)")
-    s.add_argument("--seed", type=int, default=0, help="split seed")
-    import sources
-    sources.add_question_args(s)
-    args = ap.parse_args(argv)
-
-    from pretrained import resolve_model
-
-    try:
-        import sources
-        import tasks
-        sources.check_at_least_one(n=args.n, n_train=args.n_train)
-        tasks.check_seed(args.seed)
-        tok = Tokenizer.from_folder(resolve_model(args.model))
-        if args.task in tasks.TASKS and not tasks.has_train(args.task):
-            raise ValueError(f"--task {args.task} has no training split (it is evaluation-only); "
-                             f"show one of {', '.join(t for t in tasks.TASKS if tasks.has_train(t))}")
-        if args.source == "human":
-            pairs = [(e.prompt, e.answer) for e in tasks.splits(
-                args.task, seed=args.seed, **sources.question_overrides(args))["train"][: args.n]]
-        else:
-            pairs = [(r["prompt"], r["response"]) for r in sources.load_cached(
-                args.source, args.model, args.task, n_train=args.n_train, seed=args.seed,
-                **sources.question_overrides(args))[: args.n]]
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        sys.exit(f"error: {e}")
-    for k, (prompt, response) in enumerate(pairs):
-        r = render(tok, prompt, response)
-        print(f"=== example {k}: {len(r.ids)} tokens, {r.n_targets} trained on ===")
-        print(show(tok, r))
-        print()
-
-
-if __name__ == "__main__":
-    main()

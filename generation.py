@@ -10,6 +10,10 @@ Deviations from HF transformers' `generate`, all deliberate:
 - Top-p draws among the nucleus's candidates only (HF draws over the whole vocabulary, with zeros
   outside the nucleus): the same distribution, other draws from the same seed.
 
+`generate_responses` is the one place that turns prompts into replies: through the model's chat
+template (data.render_prompt), in length-grouped batches, each sampled from its own seeded
+generator; sources.py builds training sets and eval.py answers test questions with it.
+
 Run `python generation.py --model smollm2-135m-instruct --prompt "What is 7*8?" --chat`.
 """
 
@@ -22,7 +26,9 @@ import sys
 import torch
 
 import fast
+from data import length_buckets, render_prompt
 from devices import best_device
+from fileio import progress_bar
 from model import DTYPES, KVCache, ModelLoadError, Transformer
 from pretrained import resolve_model
 from tokenizer import Tokenizer
@@ -188,6 +194,31 @@ def trim_at_stop_string(ids: list[int], stop_strings: list[str], decode) -> list
         if any(s in decode(ids[:n]) for s in stop_strings):
             return ids[:n - 1]
     return ids
+
+
+def generate_responses(model, tok: Tokenizer, prompts: list[str], max_new_tokens: int = 256,
+                       temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                       batch_size: int = 16, system: str | None = None, progress: bool = False,
+                       return_finished: bool = False) -> list[str] | tuple[list[str], list[bool]]:
+    """The model's reply to each prompt through its chat template, in input order.
+
+    Prompts of similar length share a batch. Sampling draws from one seeded generator per batch
+    (seed, batch number), so a given list of prompts always gets the same replies.
+    With `return_finished`, also whether each reply ended by itself (its end-of-turn token) rather
+    than being cut off at max_new_tokens.
+    """
+    ids = [render_prompt(tok, p, system) for p in prompts]
+    batches = length_buckets([len(x) for x in ids], batch_size)
+    out: list[str | None] = [None] * len(prompts)
+    finished: list[bool | None] = [None] * len(prompts)
+    for k, idx in enumerate(progress_bar(batches, "generate", "batch", progress)):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + k)
+        new = generate(model, [ids[i] for i in idx], max_new_tokens, temperature, top_p, gen,
+                       stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+        for i, n in zip(idx, new):
+            out[i] = tok.decode(n).strip()
+            finished[i] = len(n) < max_new_tokens  # generate() leaves the stop token out
+    return (out, finished) if return_finished else out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,14 +31,18 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from fileio import replacing_folder
+from model import ModelLoadError, Transformer
+from pretrained import resolve_model
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -282,31 +286,15 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, config: LoRAConfig
                  base_model_name: str) -> None:
     """Write adapter_config.json + adapter_model.safetensors into `folder`, replacing it whole.
 
-    The files go to a temporary sibling folder first and then take the final name with one
-    os.replace, so a crash never leaves a folder holding a new config with old weights.
+    The files go to a temporary sibling folder first, which then takes the final name whole
+    (fileio.replacing_folder), so a crash never leaves a folder holding a new config with old weights.
     """
-    from safetensors.torch import save_file
-
     state = lora_state_dict(model)
     if not state:
         raise ValueError("model has no LoRA layers to save; call inject_lora first")
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; an adapter folder is an ordinary one
+    with replacing_folder(folder) as tmp:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config_dict(config, base_model_name), indent=2) + "\n")
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        old = None
-        if folder.exists():  # os.replace cannot replace a non-empty folder: move it aside first
-            old = folder.parent / f".{folder.name}.old.{os.getpid()}"
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # PEFT features this file does not implement, with the value that means "off".
@@ -348,9 +336,6 @@ def read_adapter_config(folder: str | os.PathLike) -> LoRAConfig:
 def load_adapter_weights(model: nn.Module, folder: str | os.PathLike) -> None:
     """Copy adapter_model.safetensors into the model's LoRA layers, strictly: every LoRA tensor
     must be in the file with the right shape, and the file must hold nothing else."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(folder) / ADAPTER_WEIGHTS
     if not path.is_file():
         raise AdapterError(f"no {ADAPTER_WEIGHTS} in {folder} (PEFT's older adapter_model.bin is "
@@ -426,14 +411,11 @@ def main(argv=None):
     ap.add_argument("--alpha", type=float, default=16, help="LoRA alpha; the update is scaled by alpha/r (paper: 16)")
     args = ap.parse_args(argv)
 
-    from model import ModelLoadError, Transformer
-
     folder = args.model
     if not Path(folder).is_dir():
         try:
-            from pretrained import resolve_model
             folder = resolve_model(folder)
-        except (ImportError, FileNotFoundError, ValueError) as e:
+        except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: '{args.model}' is not a model folder and not a packaged model ({e})")
     try:
         model = Transformer.from_pretrained(folder, "fp32")

@@ -1,12 +1,9 @@
 """The core of the paper's familiarity measure: the untuned model's negative log-likelihood of each
-response token, given its prompt (paper section 3; DESIGN.md section 1).
+response token, given its prompt (paper section 3).
 
-perplexity.py turns these sums into the paper's numbers; it lived there until sources.py's
-`familiar` source needed the same per-example values to pick, per question, the candidate the
-model finds most probable. The import order is io -> model -> pretrained/tokenizer -> tasks ->
-data -> nll -> lora -> sources -> perplexity -> train -> eval: sources.py may import this module,
-never perplexity.py, so the computation moved down here. perplexity.py re-exports every name
-that used to live in it (`from perplexity import response_nll` still works).
+perplexity.py turns these sums into the paper's numbers; sources.py's `familiar` source needs
+the same per-example values to pick, per question, the candidate the model finds most probable.
+Both import this module, which sits below them (tests/test_imports.py checks the order).
 
 For each example, the prompt and response are rendered with `data.render` (the same ids and loss
 mask as training), and the NLL is taken over the masked tokens only: the response and its
@@ -23,13 +20,13 @@ batch size or order, up to float rounding (a test checks 1e-5 in fp32).
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from data import Batch, Rendered, collate, length_buckets, render
+from fileio import progress_bar
 
 
 def head_chunk_rows(device: torch.device) -> int:
@@ -116,11 +113,7 @@ def example_nlls(model, rendered: list[Rendered], pad_id: int, batch_size: int =
     device = model.device
     batches = length_buckets([len(r.ids) for r in rendered], batch_size, max_tokens)
     out: list[ExampleNLL] = []
-    it = batches
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(batches, desc="perplexity", unit="batch", file=sys.stderr)
-    for idx in it:
+    for idx in progress_bar(batches, "perplexity", "batch", progress):
         batch = collate([rendered[i] for i in idx], pad_id).to(device)
         tok_nll, where = response_token_nll(model, batch)
         nll, n = row_sums(tok_nll, where).tolist(), where.sum(1).tolist()  # the one sync of this batch

@@ -9,10 +9,9 @@ response and its end-of-turn token. Then
     pooled perplexity       exp(sum_i NLL_i / sum_i n_i)  (token-weighted; reported beside it)
 and the median of ppl_i.
 
-The per-example sums come from nll.py (moved there so that sources.py's `familiar` source can
-use them without importing this module; the names stay importable from here), which also says
-how they are made fast. The result does not depend on batch size or order, up to float rounding
-(a test checks 1e-5 in fp32).
+The per-example sums come from nll.py (sources.py's `familiar` source uses them too, and sits
+below this module), which also says how they are made fast. The result does not depend on batch
+size or order, up to float rounding (a test checks 1e-5 in fp32).
 
 `--show N` / `--html FILE` show the same per-token NLLs the sums are made of, token by token
 (tokenview.py), and which tokens make one source less familiar than another.
@@ -36,11 +35,17 @@ import time
 
 import torch
 
+import fast
+import sources
+import tasks
+import tokenview
 from data import Rendered
-# The per-example NLL lives in nll.py (sources.py needs it too, and may not import this module);
-# these names stay importable from here.
-from nll import (ExampleNLL, example_nlls, head_chunk_rows, render_pairs, response_nll,  # noqa: F401
-                 response_token_nll, row_nll_sums)
+from devices import best_device
+from fileio import check_at_least_one, check_output_file, write_json_atomic
+from model import KVCache, ModelLoadError, Transformer
+from nll import ExampleNLL, example_nlls, head_chunk_rows, render_pairs, row_nll_sums
+from pretrained import resolve_model
+from tokenizer import Tokenizer
 
 
 @torch.no_grad()
@@ -59,8 +64,6 @@ def shared_prefix_nlls(model, rendered: list[Rendered], pad_id: int) -> list[Exa
     log-probabilities within 3e-5). Equal to example_nlls up to float rounding
     (tests/test_perplexity.py checks 1e-5 in fp32); in bf16 the two round differently (~1%).
     """
-    from model import KVCache
-
     n = len(rendered)
     if n == 0:
         return []
@@ -150,8 +153,6 @@ def format_table(results: list[dict]) -> str:
 
 
 def main(argv=None):
-    import sources
-    import tasks
     ap = argparse.ArgumentParser(description="Perplexity of the untuned model on each source's responses.")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="short name or HF-format folder")
     ap.add_argument("--task", default="gsm8k", help="task whose training questions are measured")
@@ -177,20 +178,13 @@ def main(argv=None):
     g.add_argument("--gen-dtype", default="bf16", choices=["fp32", "bf16", "fp16"],
                    help="dtype the sources were generated in (sources.py --dtype)")
     args = ap.parse_args(argv)
-
-    import fast
-    from devices import best_device
-    from model import ModelLoadError, Transformer
-    from pretrained import resolve_model
-    from tokenizer import Tokenizer
-
     try:  # bad values and an unusable --out fail now, not after the measurement
-        sources.check_at_least_one(n=args.n, batch_size=args.batch_size, show=args.show)
+        check_at_least_one(n=args.n, batch_size=args.batch_size, show=args.show)
         tasks.check_seed(args.seed)
         sources.default_gen(**sources.generation_overrides(args))
         for path, flag in ((args.out, "--out"), (args.html, "--html")):
             if path:
-                sources.check_output_file(path, flag)
+                check_output_file(path, flag)
         if args.train_questions is not None:  # unmatched questions: now, not after the model loads
             tasks.splits(args.task, n_train=args.n, seed=args.seed, **sources.question_overrides(args))
         folder = resolve_model(args.model)
@@ -213,11 +207,9 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     print(format_table(results))
     if view:
-        import tokenview
         tokenview.report(tok, results, records_by_source, args.show, args.html,
                          f"Token NLL under untuned {args.model}: {args.task}, {', '.join(args.source)}")
     if args.out:
-        from sources import write_json_atomic
         write_json_atomic(args.out, results)
         print(f"wrote {args.out}")
 

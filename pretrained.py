@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -53,6 +52,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from fileio import package_file
 
 PACKAGED = {
     "smollm2-135m-instruct": {
@@ -76,17 +80,6 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
 
 def cache_root() -> Path:
     return Path(os.environ.get("ILB_CACHE", Path.home() / ".cache" / "ilearnbetter")) / "models"
-
-
-def package_file(package: str, relpath: str, pip: str) -> Path:
-    """A file inside an installed package, found without importing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package '{package}' is not installed; install it with: {pip}")
-    path = Path(list(spec.submodule_search_locations)[0]) / relpath
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from package '{package}'; reinstall it with: {pip}")
-    return path
 
 
 def check_model_name(name_or_dir: str | os.PathLike) -> None:
@@ -203,8 +196,7 @@ def read_config(reader) -> dict:
 
 
 def read_weights(reader, cfg: dict) -> dict:
-    import torch
-    from gguf.quants import dequantize
+    from gguf.quants import dequantize  # (convert checked that gguf imports)
 
     permuted = cfg["model_type"] == "llama"
     state = {}
@@ -222,8 +214,6 @@ def read_weights(reader, cfg: dict) -> dict:
 
 def build_tokenizer(reader):
     """A byte-level BPE `tokenizers.Tokenizer` from the GGUF vocabulary, merges and pre-tokenizer name."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
     if field(reader, "tokenizer.ggml.model") != "gpt2":
         raise ValueError(f"GGUF tokenizer model '{field(reader, 'tokenizer.ggml.model')}' is not "
                          f"supported (only byte-level BPE, 'gpt2')")
@@ -257,12 +247,10 @@ def build_tokenizer(reader):
 
 def convert(name: str, folder: Path) -> None:
     """GGUF -> HF-format folder, written to a temporary sibling and renamed into place."""
-    try:
-        from gguf import GGUFReader
+    try:  # imported here, not at the top: only a first conversion needs llama.cpp's reader, and a
+        from gguf import GGUFReader  # missing one is then a one-line error, not a failed import
     except ImportError:
         raise FileNotFoundError("package 'gguf' is not installed; install it with: pip install gguf") from None
-    from safetensors.torch import save_file
-
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):

@@ -56,27 +56,34 @@ Deviation from the paper: our default target model is a 135M model that rarely s
 so `self` leans on rationalisation and the ground-truth fallback; the manifest counts each path
 so this is visible, and `--self-fallback drop` keeps only the model's own correct answers.
 
-CLI: python sources.py --source self --task gsm8k --n-train 128
+CLI: python sources.py --source self --task gsm8k --n-train 128 builds (or reuses) a set;
+python sources.py show --source self --n-train 128 --n 2 prints its first examples as they are
+trained on, the trained tokens marked (data.show).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+import fast
 import tasks
-from eval import answers_match, extract_answer
-from fileio import check_input_file, read_json_rows
+from data import render, show
+from devices import best_device
+from fileio import (append_records, check_at_least_one, check_input_file, check_output_folder, exclusive_lock,
+                    progress_bar, read_json_rows, write_json_atomic, write_jsonl_atomic)
+from generation import check_sampling, generate_responses
+from grading import answers_match, extract_answer
+from model import Transformer
 from nll import example_nlls, render_pairs
+from pretrained import check_model_name, resolve_model
+from tokenizer import Tokenizer
 
 CACHE_DIR = Path(os.environ.get("ILB_SOURCES_DIR", Path(__file__).resolve().parent / "cache" / "sources"))
 DEFAULT_N_TRAIN = 32
@@ -114,97 +121,7 @@ MINIMUM_CHANGE_TEMPLATE = (
 
 
 # ----------------------------------------------------------------------------------------------
-# Files: atomic writes, the resumable JSONL
-
-
-def write_json_atomic(path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)  # no stray temp file beside the target
-        raise
-
-
-def check_output_folder(path, flag: str) -> None:
-    """ValueError, before the work whose results go there, if `path` cannot become a folder we
-    write into: a file in the way, or the nearest existing folder not writable."""
-    wanted = Path(path)
-    for p in [wanted, *wanted.parents]:
-        if p.exists():
-            if not p.is_dir():
-                raise ValueError(f"{flag} {path}: {p} is a file, not a folder; pick another {flag}")
-            if not os.access(p, os.W_OK):
-                raise ValueError(f"{flag} {path}: cannot write into {p}; pick another {flag}")
-            return
-
-
-def check_output_file(path, flag: str) -> None:
-    """check_output_folder for the file's folder, and the file itself must not be a folder."""
-    if Path(path).is_dir():
-        raise ValueError(f"{flag} {path} is a folder; give a file name, e.g. {Path(path) / 'results.json'}")
-    check_output_folder(Path(path).parent, flag)
-
-
-def check_at_least_one(**flags) -> None:
-    """ValueError naming the first flag (given as its dest name) whose value is below 1; None
-    stands for the flag's default and passes."""
-    for dest, value in flags.items():
-        if value is not None and value < 1:
-            raise ValueError(f"--{dest.replace('_', '-')} must be at least 1; got {value}")
-
-
-@contextlib.contextmanager
-def exclusive_lock(path, what: str, wait: bool = False):
-    """Hold an exclusive lock file at `path` for the block; the file names the holder's PID.
-
-    flock, not a file that merely exists: the kernel drops the lock when its holder dies, however
-    it dies, so a lock left by a killed process is simply taken over. Taken (wait=False): a
-    ValueError naming the holder; wait=True: one line on stderr, then wait for it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            if not wait:
-                os.close(fd)
-                raise ValueError(f"{what} is in use by process {holder} (lock {path}); wait for it to "
-                                 f"finish, or stop it") from None
-            print(f"waiting for process {holder}, which holds {path} ({what})", file=sys.stderr, flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        try:  # the holder before us unlinks the file as it leaves: lock the file that is there now
-            current = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            current = False
-        if current:
-            break
-        os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        path.unlink(missing_ok=True)  # still held: nobody can have locked this file meanwhile
-        os.close(fd)
-
-
-def write_jsonl_atomic(path, rows: list[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    append_records(tmp, rows)
-    os.replace(tmp, path)
+# The resumable JSONL
 
 
 def read_partial(path: Path) -> list[dict]:
@@ -236,14 +153,6 @@ def read_partial(path: Path) -> list[dict]:
         with open(path, "r+b") as f:
             f.truncate(len(good))
     return records
-
-
-def append_records(path: Path, records: list[dict]) -> None:
-    with open(path, "a") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,7 +256,6 @@ def default_gen(**overrides) -> dict:
         raise TypeError(f"unknown generation settings: {sorted(unknown)}")
     gen.update({k: v for k, v in overrides.items() if v is not None})
     check_at_least_one(k=gen["k"], max_new_tokens=gen["max_new_tokens"], batch_size=gen["batch_size"])
-    from generation import check_sampling
     check_sampling(gen["temperature"], gen["top_p"])
     return gen
 
@@ -373,7 +281,7 @@ def add_generation_args(group, max_new_tokens: bool = True) -> None:
 
 
 def add_question_args(group) -> None:
-    """Which training questions: the flags train.py, sources.py, perplexity.py and data.py share."""
+    """Which training questions: the flags train.py, perplexity.py and sources.py (and its show) share."""
     group.add_argument("--train-questions", default=None, metavar="PATH",
                        help="train on the questions of this JSON/JSONL file of {question} (e.g. one of the "
                             "paper's released files), in file order, first --n-train of them; every source "
@@ -403,11 +311,6 @@ class ModelCache:
 
     def get(self, name: str):
         if name not in self.loaded:
-            import fast
-            from devices import best_device
-            from model import Transformer
-            from pretrained import resolve_model
-            from tokenizer import Tokenizer
             folder = resolve_model(name)
             self.loaded[name] = (fast.apply(Transformer.from_pretrained(folder, self.dtype, self.device or best_device())),
                                  Tokenizer.from_folder(folder))
@@ -416,10 +319,8 @@ class ModelCache:
 
 def build_chunk(kind, arg, examples, model_name, gen, seed, chunk_no, models: ModelCache) -> list[dict]:
     """Records for one chunk of questions; depends only on its inputs (so resumption is exact)."""
-    from data import generate_responses
-
     base = [{"id": e.id, "question": e.question, "prompt": e.prompt, "gold": e.gold} for e in examples]
-    task = examples[0].task
+    graded = tasks.task_info(examples[0].task).kind  # how its answers are graded (grading.KINDS)
     if kind == "human":
         return [{**b, "response": e.answer, "path": "ground_truth"} for b, e in zip(base, examples)]
 
@@ -433,7 +334,7 @@ def build_chunk(kind, arg, examples, model_name, gen, seed, chunk_no, models: Mo
         return list(zip(texts, finished))
 
     def correct(text: str, ended: bool, e) -> bool:  # ANSWER_RULE
-        return ended and answers_match(extract_answer(text, task, last_number=False), e.gold, task)
+        return ended and answers_match(extract_answer(text, graded, last_number=False), e.gold, graded)
 
     if kind == "self":
         k = gen["k"]
@@ -559,7 +460,8 @@ def candidate_correct(record: dict, task: str) -> bool:
     that and labelled a failure `<kind>_wrong`."""
     if record.get("response") is None or record["path"].endswith("_wrong"):
         return False
-    return answers_match(extract_answer(record["response"], task, last_number=False), record["gold"], task)
+    graded = tasks.task_info(task).kind
+    return answers_match(extract_answer(record["response"], graded, last_number=False), record["gold"], graded)
 
 
 def build_familiar(arg, examples, model, task, n_train, seed, dtype, device, progress, gen,
@@ -636,7 +538,6 @@ def build(source, model="smollm2-135m-instruct", task="gsm8k", n_train=None, see
         return require_kept(*built)
     damaged = final.exists() and manifest_path.exists()
 
-    from pretrained import check_model_name
     for name in [model] + ([arg] if kind in MODEL_SOURCES else []):
         check_model_name(name)  # before a cache folder is made for a model that does not exist
     chosen = tasks.splits(task, n_train=n_train, seed=seed, train_questions=train_questions,
@@ -665,11 +566,8 @@ def build(source, model="smollm2-135m-instruct", task="gsm8k", n_train=None, see
             done_ids = {r["id"] for r in done}
             models = ModelCache(dtype, device)
             chunks = [examples[i:i + CHUNK] for i in range(0, len(examples), CHUNK)]
-            iterator = enumerate(chunks)
-            if progress:
-                from tqdm import tqdm
-                iterator = tqdm(iterator, total=len(chunks), desc=f"build {source}", unit="chunk", file=sys.stderr)
-            for chunk_no, chunk in iterator:
+            for chunk_no, chunk in progress_bar(enumerate(chunks), f"build {source}", "chunk", progress,
+                                                total=len(chunks)):
                 if all(e.id in done_ids for e in chunk):
                     continue  # built before an interruption
                 # only the questions not yet on file: a kill mid-chunk leaves some of its lines behind
@@ -771,7 +669,15 @@ def load_cached(source: str, model: str, task: str, n_train: int | None = None, 
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Build a training set from one response source (cached).")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["show"]:
+        return show_main(argv[1:])
+    return build_main(argv)
+
+
+def build_main(argv) -> None:
+    ap = argparse.ArgumentParser(description="Build a training set from one response source (cached). Subcommand: "
+                                             "show (a built set's examples with the trained tokens marked).")
     ap.add_argument("--source", required=True,
                     help=SOURCES_HELP)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="the target model (short name or folder)")
@@ -792,8 +698,6 @@ def main(argv=None):
         records, manifest = build(args.source, args.model, args.task, args.n_train, args.seed, args.dtype,
                                   args.device, True, **question_overrides(args), **{**generation_overrides(args),
                                                         "batch_size": args.batch_size or args.gen_batch_size})
-        from pretrained import resolve_model
-        from tokenizer import Tokenizer
         tok = Tokenizer.from_folder(resolve_model(args.model))
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
@@ -804,6 +708,44 @@ def main(argv=None):
     print(f"cache: {manifest['cache_folder']}")
     for r in records[:2]:
         print(f"--- {r['id']} ({r['path']})\nQ: {r['question']}\nA: {r['response']}")
+
+
+def show_main(argv) -> None:
+    """The loss mask, visible: a built training set's first examples rendered as they are trained
+    on, the trained tokens between ⟦ ⟧ (data.render and data.show). It reads the cache only."""
+    ap = argparse.ArgumentParser(prog="sources.py show",
+                                 description="Inspect rendered training examples and their loss mask.")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="short name or HF-format folder")
+    ap.add_argument("--task", default="gsm8k", help="task name (see tasks.py)")
+    ap.add_argument("--source", default="human",
+                    help="response source: human, or any source built by sources.py (reads its cache)")
+    ap.add_argument("--n", type=int, default=2, help="how many training examples to show")
+    ap.add_argument("--n-train", type=int, default=None,
+                    help=f"size of the built training set to read (sources.py --n-train; default {DEFAULT_N_TRAIN})")
+    ap.add_argument("--seed", type=int, default=0, help="split seed")
+    add_question_args(ap)
+    args = ap.parse_args(argv)
+    try:
+        check_at_least_one(n=args.n, n_train=args.n_train)
+        tasks.check_seed(args.seed)
+        tok = Tokenizer.from_folder(resolve_model(args.model))
+        if args.task in tasks.TASKS and not tasks.has_train(args.task):
+            raise ValueError(f"--task {args.task} has no training split (it is evaluation-only); "
+                             f"show one of {', '.join(t for t in tasks.TASKS if tasks.has_train(t))}")
+        if args.source == "human":
+            pairs = [(e.prompt, e.answer) for e in tasks.splits(
+                args.task, seed=args.seed, **question_overrides(args))["train"][: args.n]]
+        else:
+            pairs = [(r["prompt"], r["response"]) for r in load_cached(
+                args.source, args.model, args.task, n_train=args.n_train, seed=args.seed,
+                **question_overrides(args))[: args.n]]
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        sys.exit(f"error: {e}")
+    for k, (prompt, response) in enumerate(pairs):
+        r = render(tok, prompt, response)
+        print(f"=== example {k}: {len(r.ids)} tokens, {r.n_targets} trained on ===")
+        print(show(tok, r))
+        print()
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from sources import write_json_atomic, write_jsonl_atomic
+from eval import gold_loglik, load_answers, write_report
+from fileio import write_json_atomic, write_jsonl_atomic
 from train import git_commit
 
 ROOT = Path(__file__).resolve().parent
@@ -90,7 +91,6 @@ def machine() -> str:
 
 def export_answers(run_dirs: dict[str, Path], out: Path) -> int:
     """answers.jsonl: per test question and source, our model's output and its verdict."""
-    from eval import gold_loglik, load_answers
     rows = []
     for source, run_dir in run_dirs.items():
         results = json.loads((run_dir / "results.json").read_text())
@@ -134,7 +134,6 @@ def run_study(name: str, paper_data: Path, work: Path, out: Path, extra: list[st
         state["stages"][stage] = {"command": shlex.join(cmd), "seconds": round(time.time() - t0, 1),
                                   "commit": git_commit(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         write_json_atomic(state_path, state)
-    from eval import write_report
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     write_report([str(d) for d in run_dirs.values()], str(out))

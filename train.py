@@ -48,9 +48,22 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import fast
 import sources
 import stats
+import tasks
 from data import Batch, collate, length_buckets, render
+from devices import best_device, usable_device
+from eval import evaluate_task
+from fileio import (append_records, check_at_least_one, check_output_folder, exclusive_lock, progress_bar,
+                    replacing_folder, write_json_atomic, write_jsonl_atomic)
+from lora import (LoRAConfig, count_parameters, inject_lora, load_adapter, save_adapter, target_module_names,
+                  update_ratios)
+from model import ModelConfig, ModelLoadError, Transformer
+from nll import example_nlls, response_nll
+from perplexity import dataset_perplexity
+from pretrained import check_model_name, resolve_model
+from tokenizer import Tokenizer
 
 PRESETS = {
     # The paper: 1000 examples, LoRA q/v r8 alpha16, effective batch 30, cosine, lr 5e-5..2e-4,
@@ -114,7 +127,6 @@ def rank_share(step_examples: list[int], rank: int, world: int) -> list[int]:
 
 def masked_nll_sum(model, batch: Batch, autocast_dtype) -> torch.Tensor:
     """Summed NLL over the batch's supervised tokens (a scalar with grad)."""
-    from perplexity import response_nll
     with torch.autocast(batch.input_ids.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         nll, _ = response_nll(model, batch)
     return nll.sum()
@@ -187,7 +199,7 @@ def keep_metrics_up_to(path: Path, epoch: int) -> None:
         return
     complete = path.read_text().split("\n")[:-1]  # (the text after the last newline is torn)
     rows = [json.loads(line) for line in complete if line.strip()]
-    sources.write_jsonl_atomic(path, [r for r in rows if r["epoch"] <= epoch])
+    write_jsonl_atomic(path, [r for r in rows if r["epoch"] <= epoch])
 
 
 def lock_path(run_dir: Path) -> Path:
@@ -197,20 +209,10 @@ def lock_path(run_dir: Path) -> Path:
 
 def save_checkpoint(folder: Path, model, optimizer, scaler, state: dict, lora_cfg, model_name):
     """The last finished epoch: adapter + optimiser + loop state, swapped in atomically."""
-    from lora import save_adapter
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_adapter(model, tmp / "adapter", lora_cfg, model_name)
-    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                "rng_torch": torch.get_rng_state(), **state}, tmp / "trainer.pt")
-    if folder.exists():
-        old = folder.with_name(folder.name + ".old")
-        os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, folder)
+    with replacing_folder(folder) as tmp:
+        save_adapter(model, tmp / "adapter", lora_cfg, model_name)
+        torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                    "rng_torch": torch.get_rng_state(), **state}, tmp / "trainer.pt")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,13 +231,6 @@ class Context:
 
 
 def run_source(source: str, args, ctx: Context) -> dict:
-    from eval import evaluate_task
-    import fast
-    from lora import LoRAConfig, count_parameters, inject_lora, load_adapter, update_ratios
-    from model import Transformer
-    from perplexity import dataset_perplexity
-    from sources import append_records, write_json_atomic
-    import tasks
 
     rank, world, tok = ctx.rank, ctx.world, ctx.tok
     run_dir = run_folder(source, args)
@@ -353,12 +348,10 @@ def run_source(source: str, args, ctx: Context) -> dict:
         append_records(metrics_path, [{"epoch": 0, "step": 0,
                                        "val_loss": state["val_before"] and state["val_before"]["loss"]}])
 
-    from tqdm import tqdm
     for epoch in range(state["epoch"], args.epochs):
         model.train()
         steps = epoch_steps(len(rendered), args.batch_size, args.seed, epoch)
-        bar = tqdm(steps, desc=f"[{source}] epoch {epoch + 1}/{args.epochs}", unit="step",
-                   disable=rank != 0, file=sys.stderr)
+        bar = progress_bar(steps, f"[{source}] epoch {epoch + 1}/{args.epochs}", "step", rank == 0)
         epoch_loss, epoch_tokens, seq_tokens, t0 = 0.0, 0, 0, time.time()
         for step_examples in bar:
             lr = lr_at(state["step"], total_steps, warmup, args.lr)
@@ -393,7 +386,6 @@ def run_source(source: str, args, ctx: Context) -> dict:
             log(f"[{source}] epoch {epoch + 1}: train loss {row['train_loss']:.4f}, val accuracy {v['accuracy']:.3f} "
                 f"({v['n']} questions), val loss {vl['loss'] if vl else float('nan'):.4f}{' *best*' if improved else ''}")
             if improved:
-                from lora import save_adapter
                 state["best"], state["best_epoch"] = v["accuracy"], epoch + 1
                 state["best_val"] = vl
                 save_adapter(model, adapter_dir, lora_cfg, args.model)
@@ -431,7 +423,6 @@ def validation_loss(model, rendered, args, autocast_dtype) -> dict | None:
     """The loss on the source's own answers to the validation questions, as the training loss is
     computed (sum NLL / sum supervised tokens), with each example's per-token NLL for a paired
     comparison; None when the source answered none of them (a file without those questions)."""
-    from perplexity import example_nlls
     if not rendered:
         return None
     was_training = model.training
@@ -475,7 +466,6 @@ def human_reference_perplexity(model, tok, records, ppl, args) -> dict:
     """The untuned model's perplexity on the HUMAN answers to the questions `records` answers
     (those measured in `ppl`), and the paired difference source - human of the per-example
     perplexities with its bootstrap interval: the paper's familiarity gap, question by question."""
-    from perplexity import dataset_perplexity
     human, _ = sources.build("human", args.model, args.task, args.n_train, args.seed, progress=False,
                              **sources.question_overrides(args))
     by_id = {r["id"]: r for r in human}
@@ -507,8 +497,6 @@ def lora_target_list(lora_targets: str) -> list[str] | str:
 def check_lora_targets(model_folder: Path, lora_targets: str) -> None:
     """ValueError now if --lora-targets selects no layer of this model (shapes only, no weights),
     rather than after the base evaluation and the training set."""
-    from lora import target_module_names
-    from model import ModelConfig, Transformer
     with torch.device("meta"):
         shapes = Transformer(ModelConfig.from_json(Path(model_folder) / "config.json"))
     if not target_module_names(shapes, lora_target_list(lora_targets)):
@@ -579,7 +567,6 @@ def eval_task_list(args) -> list[str]:
 def score_tasks(model, args, ctx: Context, task_names: list[str], folder: Path, label: str) -> dict:
     """Accuracy with its interval on the first --n-test test questions of each task; every answer
     is written to folder/eval-<task>.jsonl."""
-    from eval import evaluate_task
 
     scores = {}
     for task in task_names:
@@ -595,10 +582,6 @@ def score_tasks(model, args, ctx: Context, task_names: list[str], folder: Path, 
 def evaluate_base(args, ctx: Context) -> tuple[dict, str]:
     """The untuned model on the same test questions, once per setting (cached in the runs
     folder): the reference for forgetting. Returns (scores by task, the folder of its answers)."""
-    import fast
-    from model import Transformer
-    from sources import write_json_atomic
-
     # the folder's name and a hash of its full path: two models in folders of the same name
     # (a/model, b/model) must not share one baseline
     where = str(Path(ctx.model_folder).resolve())
@@ -687,19 +670,17 @@ def build_parser():
 def check_args(args) -> None:
     """ValueError, naming the flag, for a value that cannot work; run before anything is built,
     evaluated or written (the base evaluation alone takes minutes)."""
-    from devices import usable_device
     sources.default_gen(**sources.generation_overrides(args))
-    from pretrained import check_model_name
     for source in args.source:
         kind, arg = sources.source_kind(source)
         if kind in sources.MODEL_SOURCES:
             check_model_name(arg)  # a teacher that does not exist: now, not after the first source trained
         if kind == "file":
             sources.file_fingerprint(arg)
-    sources.check_at_least_one(**{flag: getattr(args, flag) for flag in (  # n_test None: the whole test set
+    check_at_least_one(**{flag: getattr(args, flag) for flag in (  # n_test None: the whole test set
         "n_train", "n_val", "n_test", "epochs", "batch_size", "micro_batch", "eval_batch_size", "max_seq_len",
         "lora_r")})
-    sources.check_output_folder(args.runs_dir, "--runs-dir")
+    check_output_folder(args.runs_dir, "--runs-dir")
     if args.resume and args.overwrite:
         raise ValueError("--resume continues a run and --overwrite replaces it; pass one of them")
     if args.run_name is not None:
@@ -719,7 +700,6 @@ def check_args(args) -> None:
         raise ValueError(f"--lora-alpha must be a finite number > 0; got {args.lora_alpha}")
     if not 0 <= args.lora_dropout < 1:
         raise ValueError(f"--lora-dropout must be in [0, 1); got {args.lora_dropout}")
-    import tasks
     tasks.check_seed(args.seed)
     if args.device is not None:
         usable_device(args.device)
@@ -763,14 +743,9 @@ def main(argv=None):
         check_args(args)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    import tasks
     if args.task not in tasks.TASKS or not tasks.has_train(args.task):
         trainable = [t for t in tasks.TASKS if tasks.has_train(t)]
         sys.exit(f"error: --task {args.task} has no training split here; train on one of {', '.join(trainable)}")
-    from devices import best_device
-    from model import ModelLoadError
-    from pretrained import resolve_model
-    from tokenizer import Tokenizer
 
     rank, world = dist_setup(wait)
     torch.manual_seed(args.seed)
@@ -782,7 +757,7 @@ def main(argv=None):
     try:
         for source in args.source:  # a run folder clash is an error now, not after hours of work
             if rank == 0:  # one train.py per run folder: two would mix metrics and checkpoints
-                held.enter_context(sources.exclusive_lock(lock_path(run_folder(source, args)),
+                held.enter_context(exclusive_lock(lock_path(run_folder(source, args)),
                                                           f"run folder {run_folder(source, args)}"))
             plan_run_folder(run_folder(source, args), source, args)
         folder = resolve_model(args.model)

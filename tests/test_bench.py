@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import bench
 from data import Rendered, collate
 from model import ModelConfig, Transformer
-from perplexity import response_nll
+from nll import response_nll
 
 
 def tiny_folder(tmp_path):

@@ -83,8 +83,8 @@ def test_report_on_a_folder_that_is_not_a_trained_run(tmp_path):
 
 
 def test_show_on_an_evaluation_only_task():
-    import data
-    assert "--task csqa has no training split" in error_of(data.main, ["show", "--task", "csqa"])
+    import sources
+    assert "--task csqa has no training split" in error_of(sources.main, ["show", "--task", "csqa"])
 
 
 def test_a_file_in_the_way_of_the_model_cache(a_file, monkeypatch):

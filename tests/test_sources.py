@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import fileio
 import sources
 
 GEN = dict(max_new_tokens=24, batch_size=8, k=2)  # tiny, so real generation takes seconds
@@ -122,7 +123,6 @@ def test_unknown_source_and_cli_error(capsys):
 def scripted_generation(monkeypatch, reply):
     """Generation replaced by `reply(prompt, sampling) -> (text, ended by itself)`; no model loads.
     Returns the list of (model name, prompt) the generation calls receive."""
-    import data
     asked = []  # (model name, prompt) of every generation call
     monkeypatch.setattr(sources.ModelCache, "get", lambda self, name: (name, None))
 
@@ -132,7 +132,7 @@ def scripted_generation(monkeypatch, reply):
         texts, ended = zip(*[reply(p, temperature > 0) for p in prompts])
         return list(texts), list(ended)
 
-    monkeypatch.setattr(data, "generate_responses", fake)
+    monkeypatch.setattr(sources, "generate_responses", fake)
     return asked
 
 
@@ -281,13 +281,12 @@ def test_minimum_change_corrects_the_models_own_prediction(monkeypatch):
 
 
 def test_generate_responses_tells_which_replies_were_cut_off(monkeypatch, smollm2_dir):
-    import data
     import generation
     from tokenizer import Tokenizer
     tok = Tokenizer.from_folder(smollm2_dir)
     # generate() returns the new ids without the stop token: a full-length row never stopped
     monkeypatch.setattr(generation, "generate", lambda m, prompts, n, *a, **k: [[72] * n, [72] * (n - 1), []][:len(prompts)])
-    texts, ended = data.generate_responses(None, tok, ["a", "b", "c"], 5, batch_size=3, return_finished=True)
+    texts, ended = generation.generate_responses(None, tok, ["a", "b", "c"], 5, batch_size=3, return_finished=True)
     assert ended == [False, True, True] and len(texts) == 3
 
 
@@ -337,7 +336,7 @@ def test_a_damaged_cached_set_is_said_and_built_again(damage, capsys):
     warning = capsys.readouterr().err.strip().splitlines()
     assert len(warning) == 1 and "is damaged" in warning[0] and "building it again" in warning[0]
     assert data.read_bytes() == raw
-    data.write_bytes(b"")  # where it cannot be rebuilt (data.py show reads the cache), an error
+    data.write_bytes(b"")  # where it cannot be rebuilt (sources.py show reads the cache), an error
     with pytest.raises(ValueError, match="is damaged .*build it again with python sources.py"):
         sources.load_cached("human", "smollm2-135m-instruct", "gsm8k", n_train=4)
 
@@ -345,7 +344,7 @@ def test_a_damaged_cached_set_is_said_and_built_again(damage, capsys):
 def test_write_json_atomic_leaves_no_temp_file_when_it_fails(tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(IsADirectoryError):
-        sources.write_json_atomic(tmp_path / "out", {"a": 1})  # the target is a folder
+        fileio.write_json_atomic(tmp_path / "out", {"a": 1})  # the target is a folder
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

