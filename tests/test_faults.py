@@ -177,9 +177,9 @@ def test_a_read_only_sources_cache_is_one_line_before_the_base_evaluation(tiny_d
     ("sources", ["--source", "human", "--seed", "-1"], "--seed must be between 0 and 2**30 - 1; got -1"),
     ("tasks", ["--n", "-1"], "--n must be at least 1; got -1"),
     ("tasks", ["--seed", "-1"], "--seed must be between 0"),
-    ("data", ["show", "--n", "0"], "--n must be at least 1"),
-    ("data", ["show", "--n-train", "0", "--source", "self"], "--n-train must be at least 1"),
-    ("data", ["show", "--seed", "-2"], "--seed must be between 0"),
+    ("sources", ["show", "--n", "0"], "--n must be at least 1"),
+    ("sources", ["show", "--n-train", "0", "--source", "self"], "--n-train must be at least 1"),
+    ("sources", ["show", "--seed", "-2"], "--seed must be between 0"),
     ("perplexity", ["--seed", "-1"], "--seed must be between 0"),
     ("generation", ["--prompt", "hi", "--seed", str(2 ** 70)], "--seed must be between 0 and 2**63 - 1"),
 ])
