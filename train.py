@@ -440,8 +440,9 @@ def evaluate_base(args, ctx: Context) -> tuple[dict, str]:
     missing = [t for t in eval_task_list(args) if t not in done]
     if missing:
         model = fast.apply(Transformer.from_pretrained(ctx.model_folder, args.dtype, ctx.device))
-        done.update(score_tasks(model, args, ctx, missing, folder, "base"))
-        write_json_atomic(path, {"model": args.model, "model_folder": where, "test": done})
+        for task in missing:  # saved task by task: a killed evaluation keeps the tasks it finished
+            done.update(score_tasks(model, args, ctx, [task], folder, "base"))
+            write_json_atomic(path, {"model": args.model, "model_folder": where, "test": done})
     return done, str(folder)
 
 # ----------------------------------------------------------------------------------------------

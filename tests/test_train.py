@@ -538,3 +538,23 @@ def test_train_questions_pair_the_sources_and_report_validation_and_familiarity(
     h = mine["perplexity_human"]
     assert h["n"] == 4 and h["mean_ppl"] == pytest.approx(human["perplexity"]["mean_ppl"], rel=1e-5)
     assert h["same_text"] == 0 and "perplexity_human" not in human  # the file never copies the human text
+
+
+def test_a_killed_base_evaluation_keeps_the_tasks_it_finished(tiny_dir, tmp_path, monkeypatch):
+    scored = []
+
+    def score(model, args, ctx, tasks_, folder, label):
+        if tasks_ == ["csqa"] and not scored.count("csqa-failed"):
+            scored.append("csqa-failed")
+            raise KeyboardInterrupt  # the session ends during the second task
+        scored.extend(tasks_)
+        return {t: {"accuracy": 0.25} for t in tasks_}
+    monkeypatch.setattr(train, "score_tasks", score)
+    monkeypatch.setattr(Transformer, "from_pretrained", classmethod(lambda cls, *a, **k: torch.nn.Module()))
+    args = train.parse_args(base_args(tiny_dir, tmp_path))
+    args.eval_tasks = ["gsm8k", "csqa"]
+    ctx = train.Context(tmp_path / "m", None, 0, 1, "cpu")
+    with pytest.raises(KeyboardInterrupt):
+        train.evaluate_base(args, ctx)
+    assert train.evaluate_base(args, ctx)[0] == {"gsm8k": {"accuracy": 0.25}, "csqa": {"accuracy": 0.25}}
+    assert scored == ["gsm8k", "csqa-failed", "csqa"]  # gsm8k was not scored a second time
