@@ -7,7 +7,8 @@ response and its end-of-turn token. Then
     per-example perplexity  ppl_i = exp(sum NLL_i / n_i)
     data-set perplexity     mean_i ppl_i              (the paper's number)
     pooled perplexity       exp(sum_i NLL_i / sum_i n_i)  (token-weighted; reported beside it)
-and the median of ppl_i.
+and the median of ppl_i. The printed table gives each mean with a bootstrap 95% interval
+(stats.py) and each later source minus the first, paired per question (matched by its text).
 
 The per-example sums come from nll.py (sources.py's `familiar` source uses them too, and sits
 below this module), which also says how they are made fast. The result does not depend on batch
@@ -37,6 +38,7 @@ import torch
 
 import fast
 import sources
+import stats
 import tasks
 import tokenview
 from data import Rendered
@@ -143,12 +145,43 @@ def dataset_perplexity(model, tok, pairs: list[tuple[str, str]], batch_size: int
 # CLI
 
 
+def compare_to_first(results: list[dict]) -> list[dict]:
+    """Each source's mean perplexity with its bootstrap 95% interval, and, for every source after
+    the first, its paired difference to the first on the questions both answered (matched by
+    question text): mean of (source - first) per question [paired bootstrap 95% CI], and on how
+    many of them the source's perplexity is the lower. One dict per result, in order."""
+    first = {e["question"]: e["ppl"] for e in results[0]["per_example"]}
+    rows = []
+    for i, r in enumerate(results):
+        ppls = [e["ppl"] for e in r["per_example"]]
+        row = {"source": r["source"], "ci": stats.bootstrap_mean_ci(ppls)[1:]}
+        if i > 0:
+            shared = [(e["ppl"], first[e["question"]]) for e in r["per_example"] if e["question"] in first]
+            if shared:
+                mine, ref = zip(*shared)
+                row["vs_first"] = {"n": len(shared), "diff": stats.paired_difference(mine, ref),
+                                   "lower": sum(a < b for a, b in shared)}
+        rows.append(row)
+    return rows
+
+
 def format_table(results: list[dict]) -> str:
+    """The printed table, sources in the order given: n, tokens, mean perplexity [95% CI], pooled
+    and median perplexity, and each later source minus the first, paired per question."""
+    compared = compare_to_first(results)
     w = max([6] + [len(r["source"]) for r in results])
-    lines = [f"{'source':<{w}} {'n':>5} {'tokens':>8} {'mean ppl':>9} {'pooled':>8} {'median':>8}"]
-    for r in sorted(results, key=lambda r: r["mean_ppl"]):
-        lines.append(f"{r['source']:<{w}} {r['n']:>5} {r['tokens']:>8} {r['mean_ppl']:>9.3f} "
-                     f"{r['pooled_ppl']:>8.3f} {r['median_ppl']:>8.3f}")
+    ref = results[0]["source"]
+    lines = [f"{'source':<{w}} {'n':>5} {'tokens':>8} {'mean ppl [95% CI]':>26} {'pooled':>8} {'median':>8}"
+             f"   minus {ref}, paired [95% CI] (lower on)"]
+    for r, c in zip(results, compared):
+        mean = f"{r['mean_ppl']:.3f} [{c['ci'][0]:.3f}, {c['ci'][1]:.3f}]"
+        line = (f"{r['source']:<{w}} {r['n']:>5} {r['tokens']:>8} {mean:>26} "
+                f"{r['pooled_ppl']:>8.3f} {r['median_ppl']:>8.3f}")
+        if "vs_first" in c:
+            v = c["vs_first"]
+            d, lo, hi = v["diff"]
+            line += f"   {d:+.3f} [{lo:+.3f}, {hi:+.3f}] ({v['lower']} of {v['n']})"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -212,6 +245,12 @@ def main(argv=None):
         tokenview.report(tok, results, records_by_source, args.show, args.html,
                          f"Token NLL under untuned {args.model}: {args.task}, {', '.join(args.source)}")
     if args.out:
+        for r, c in zip(results, compare_to_first(results)):
+            r["mean_ppl_ci"] = list(c["ci"])
+            if "vs_first" in c:
+                r["minus_first"] = {"source": args.source[0], "n": c["vs_first"]["n"],
+                                    "lower_on": c["vs_first"]["lower"],
+                                    **dict(zip(("diff", "ci_low", "ci_high"), c["vs_first"]["diff"]))}
         write_json_atomic(args.out, results)
         print(f"wrote {args.out}")
 

@@ -184,3 +184,27 @@ def test_shared_prefix_edge_cases(sharp):
             assert a.tokens == b.tokens
             assert a.nll == pytest.approx(b.nll, rel=1e-5, abs=1e-6)
     assert shared_prefix_nlls(model, [], tok.pad_id) == []
+
+
+def test_table_pairs_each_source_with_the_first_by_question():
+    """compare_to_first against hand-computed values: pairing by question text (a question only one
+    source answered is left out), the mean per-question difference, and the 'lower on' count."""
+    from perplexity import compare_to_first, format_table
+
+    def result(source, ppls):
+        per = [{"question": q, "ppl": v} for q, v in ppls.items()]
+        vals = list(ppls.values())
+        return {"source": source, "n": len(vals), "tokens": 10 * len(vals), "mean_ppl": sum(vals) / len(vals),
+                "pooled_ppl": 0.0, "median_ppl": 0.0, "per_example": per}
+
+    human = result("human", {"q1": 4.0, "q2": 5.0, "q3": 6.0, "q4": 3.0})
+    other = result("gpt4", {"q2": 4.0, "q1": 3.5, "q3": 6.5, "q9": 1.0})  # q9: not in human, q4 missing
+    rows = compare_to_first([human, other])
+    assert "vs_first" not in rows[0]
+    v = rows[1]["vs_first"]
+    assert v["n"] == 3 and v["lower"] == 2  # q1 (3.5 < 4), q2 (4 < 5); q3 is higher
+    assert v["diff"][0] == pytest.approx(((3.5 - 4.0) + (4.0 - 5.0) + (6.5 - 6.0)) / 3)
+    lo, hi = rows[0]["ci"]
+    assert 3.0 <= lo <= human["mean_ppl"] <= hi <= 6.0
+    table = format_table([human, other])
+    assert "(2 of 3)" in table and "-0.333 [" in table and table.splitlines()[1].startswith("human")
