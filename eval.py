@@ -528,7 +528,12 @@ def compare_runs(run_paths: Sequence[str]) -> dict:
         ppl_file = Path(r["run_dir"]) / "perplexity.json"
         per = json.loads(ppl_file.read_text())["per_example"] if ppl_file.is_file() else None
         ppl = r["perplexity"]
+        config_file = Path(r["run_dir"]) / "config.json"
+        manifest = json.loads(config_file.read_text()).get("manifest", {}) if config_file.is_file() else {}
         entry = {"source": r["source"], "run_dir": r["run_dir"], "n_train": r.get("train_examples"),
+                 # where the training answers came from: self's own vs the ground-truth fallback,
+                 # familiar's winning source per question ("chose:<source>"), ...
+                 "counts_by_path": manifest.get("counts_by_path"),
                  "ppl_mean": ppl["mean_ppl"], "ppl_pooled": ppl["pooled_ppl"],
                  "ppl_ci": list(stats.bootstrap_mean_ci([e["ppl"] for e in per])[1:]) if per else None,
                  "validation_loss": r.get("validation_loss"), "lora_update": r.get("lora_update"), "tasks": {}}
@@ -604,6 +609,11 @@ def write_report(run_paths: Sequence[str], out_dir: str | None = None) -> Path:
             cells = [_ci(e["tasks"].get(t, {}).get("vs_untuned"), pct=True) for t in others]
             cells += [_ci(e["tasks"].get(t, {}).get("gold_loglik_vs_untuned")) for t in others]
             lines.append(f"| {e['source']} | " + " | ".join(cells) + " |")
+    lines += ["", "Training sets: how many answers each source kept, and where they came from (`ground_truth`: "
+                  "the human answer as a fallback; `chose:X`: the familiar source took X's answer).", ""]
+    for e in cmp_["sources"]:
+        paths = ", ".join(f"{k} {v}" for k, v in sorted((e["counts_by_path"] or {}).items(), key=lambda kv: -kv[1]))
+        lines.append(f"- {e['source']}: {e['n_train']} examples" + (f" ({paths})" if paths else ""))
     c = cmp_["correlation"]
     lines += ["", f"Correlation across sources between untuned perplexity and the {in_domain} accuracy change from "
                   f"the untuned model: Pearson r = {c['r']:.3f} (permutation p = {c['p']:.3g}), Spearman rho = "

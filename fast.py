@@ -76,7 +76,12 @@ def apply(net: nn.Module, on: bool | None = None) -> nn.Module:
 # Linear: decoding steps of 2-64 rows (fp32) or 3-64 (bf16) multiply by W's oneDNN copy
 ONEDNN_COPY_ROWS = {torch.float32: (2, 64), torch.bfloat16: (3, 64)}
 FEW_ROWS = (2, 64)  # fp32 products of these many rows take W @ x^T
-ONE_ROW_HALVES = True  # one fp32 row: W as two halves in one batched product
+# One fp32 row: W as two halves in one batched product. Measured to help on the AMD EPYC (torch's
+# CPU capability AVX2: batch-1 fp32 generation ~1.9x faster); on an Intel Xeon with AVX-512 MKL's
+# own one-row product is ~3x faster than the halves (a 49152 x 576 head: 2.6 vs 7.8 ms) and batch-1
+# fp32 generation ran 14 tok/s with them, 30 without (bench.py, ILB_PLAIN=1 against the default).
+# So only where it was measured to help; elsewhere F.linear.
+ONE_ROW_HALVES = torch.backends.cpu.get_cpu_capability() == "AVX2"
 BF16_ROWS_WITHOUT_ONEDNN = 2  # bf16 products of up to this many rows skip oneDNN
 # Attention (see `attention` and `decoding_mask`)
 BF16_TRAINING_BLOCKS = True  # bf16 training on CPU takes block_causal_attention
@@ -128,11 +133,12 @@ class Linear(nn.Linear):
       bases) get one, since a trained W changes every step, and some writes (a fused optimizer's
       step, `W.data`) do not bump the version the copy is checked against. It is remade when a
       frozen W changes in place (LoRA's merge, load_state_dict) and dropped by .to().
-    - fp32, 1 row: W seen as two stacked halves, a batch of two products (2, out/2, in) @
-      (2, in, 1). The batched kernel streams W at ~23 GB/s on one core and ~30 GB/s on two, the
-      plain vector product at ~11 GB/s (a 113 MB head: 10.3 -> 3.6 ms); fp32 generation at
-      batch 1 runs ~1.9x faster (measured back to back, SmolLM2-135M). The oneDNN copy is
-      slower than this at one row (a step 27 -> 38 ms).
+    - fp32, 1 row, on an AVX2 CPU (ONE_ROW_HALVES; see there why only on one): W seen as two
+      stacked halves, a batch of two products (2, out/2, in) @ (2, in, 1). The batched kernel
+      streams W at ~23 GB/s on one core and ~30 GB/s on two, the plain vector product at
+      ~11 GB/s (a 113 MB head: 10.3 -> 3.6 ms); fp32 generation at batch 1 runs ~1.9x faster
+      (measured back to back, SmolLM2-135M). The oneDNN copy is slower than this at one row (a
+      step 27 -> 38 ms).
     - fp32, 2 to 64 rows that do not take the oneDNN copy (a short prompt or scoring, a trained
       W, a gradient needed, or over the budget): the transposed product W @ x^T (fp32 generation
       +16% at batch 16 and +50% at batch 4). Two halves gain nothing here.

@@ -156,6 +156,8 @@ def fake_run(folder, source, ppls, gsm, csqa, base_dir):
     t = lambda rows: {"accuracy": sum(r["correct"] for r in rows) / len(rows), "ci_low": 0.0, "ci_high": 1.0,  # noqa: E731
                       "n": len(rows)}
     (folder / "perplexity.json").write_text(json.dumps({"per_example": [{"ppl": p} for p in ppls]}))
+    paths = {"human": {"file": 2}, "self": {"ground_truth": 1, "rationalized": 1}}[source]
+    (folder / "config.json").write_text(json.dumps({"manifest": {"counts_by_path": paths}}))
     (folder / "results.json").write_text(json.dumps({
         "source": source, "model": "m", "task": "gsm8k", "run_dir": str(folder), "train_examples": 2,
         "perplexity": {"mean_ppl": sum(ppls) / len(ppls), "pooled_ppl": 1.0},
@@ -188,6 +190,7 @@ def test_report_pairs_every_comparison_per_question(tmp_path):
     assert self_["ppl_ci"] == [2.0, 2.0] and cmp_["untuned"]["gsm8k"] == {"accuracy": 0.25, "n": 4}
     assert cmp_["correlation"]["n"] == 2 and cmp_["correlation"]["r"] == pytest.approx(-1.0)
     assert "| self | 2.000 [2.000, 2.000] | 2.000 -> 1.500 (-25.0%) | 1.000 [0.000, 1.000] | +50.0 [" in report
+    assert "- self: 2 examples (ground_truth 1, rationalized 1)" in report and "- human: 2 examples (file 2)" in report
     assert "over fewer than five sources" in report and "[!] Not a result: human" in report
     if "no plot" not in report:
         assert (tmp_path / "out" / "perplexity_vs_accuracy.png").read_bytes()[:4] == b"\x89PNG"

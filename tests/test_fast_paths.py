@@ -366,6 +366,7 @@ def test_linear_few_rows_equals_f_linear(rows, bias, monkeypatch):
         torch.nn.init.normal_(layer.bias)
     x = torch.randn(rows, 1, 96)  # a decoding step's shape: (B, 1, in)
     monkeypatch.setattr(fast, "ONEDNN_COPY_ROWS", {})  # tested on its own below
+    monkeypatch.setattr(fast, "ONE_ROW_HALVES", True)  # (on by default on AVX2 CPUs only)
     bmm_calls = []
     real_bmm = torch.bmm
     monkeypatch.setattr(torch, "bmm", lambda *a: bmm_calls.append(a[0].shape) or real_bmm(*a))
@@ -380,10 +381,11 @@ def test_linear_few_rows_equals_f_linear(rows, bias, monkeypatch):
         assert torch.equal(out, ref)
 
 
-def test_linear_one_row_halves_keep_the_output_order():
+def test_linear_one_row_halves_keep_the_output_order(monkeypatch):
     """The two halves are W's first and second out/2 rows: each output lands where F.linear puts
     it (a weight with one non-zero row per output shows a swap or a shuffle exactly); an odd
     out_features cannot be halved and takes F.linear, bit for bit."""
+    monkeypatch.setattr(fast, "ONE_ROW_HALVES", True)
     layer = fast.Linear(8, 6, bias=False)
     with torch.no_grad():
         layer.weight.zero_()
