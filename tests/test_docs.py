@@ -1,4 +1,4 @@
-"""The README stays a short teaching page (DESIGN.md section 4, item 15) and no documentation link
+"""The README stays a short teaching page (at most 250 lines, no commit hashes) and no documentation link
 is broken: histories, commit hashes, speed tables and deviations live in docs/, and every relative
 link in README.md and docs/ reaches an existing file (and, for a `#anchor` into a markdown page, one
 of its headings, slugged the way GitHub slugs them)."""
