@@ -533,8 +533,10 @@ def check_args(args) -> None:
         if runs not in (runs / args.run_name).resolve().parents:
             raise ValueError(f"--run-name {args.run_name} is not a folder inside --runs-dir {args.runs_dir}; "
                              f"give a plain name")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise ValueError(f"--lr must be a finite number > 0; got {args.lr}")
+    # AdamW's first step moves a weight by up to lr / (1 - beta1) = 10 * lr, a float32 number
+    if not (math.isfinite(args.lr) and 0 < args.lr < 3e37):
+        raise ValueError(f"--lr must be a number > 0 and below 3e37 (AdamW's first step, 10 x lr, must fit "
+                         f"a float32); got {args.lr}")
     if not 0 <= args.warmup_ratio <= 1:
         raise ValueError(f"--warmup-ratio must be between 0 and 1; got {args.warmup_ratio}")
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):

@@ -472,7 +472,8 @@ def test_base_scores_are_not_shared_by_models_in_folders_of_the_same_name(tiny_d
 
 @pytest.mark.parametrize("flags,needle", [
     (["--batch-size", "0"], "--batch-size must be at least 1"), (["--n-test", "-1"], "--n-test must be at least 1"),
-    (["--warmup-ratio", "nan"], "--warmup-ratio must be between 0 and 1"), (["--lr", "inf"], "--lr must be a finite"),
+    (["--warmup-ratio", "nan"], "--warmup-ratio must be between 0 and 1"), (["--lr", "inf"], "--lr must be a number > 0 and below 3e37"),
+    (["--lr", "1e38"], "AdamW's first step, 10 x lr, must fit a float32"),
     (["--seed", str(2 ** 70)], "--seed must be between 0"), (["--source", "human", "bogus"], "unknown source 'bogus'"),
     (["--device", "nosuch"], "unknown device 'nosuch'"),
     (["--source", "human", "teacher:nosuch"], "unknown model 'nosuch'"),
