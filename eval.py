@@ -550,6 +550,17 @@ def compare_runs(run_paths: Sequence[str]) -> dict:
                     cell["vs_human"] = paired_accuracy(mine, human_answers[t])
             entry["tasks"][t] = cell
         sources_out.append(entry)
+    # a familiar:A,B,... run against the best single source on the same test questions: does choosing
+    # answers by familiarity beat simply taking the best author (issue 21)?
+    singles = [e for e in sources_out if not e["source"].startswith("familiar:") and in_domain in e["tasks"]]
+    if singles:
+        best = max(singles, key=lambda e: e["tasks"][in_domain]["accuracy"])  # the first of equals
+        best_answers = load_answers(best["run_dir"], in_domain)
+        for e in sources_out:
+            mine = load_answers(e["run_dir"], in_domain) if e["source"].startswith("familiar:") else None
+            paired = paired_accuracy(mine, best_answers) if mine is not None and best_answers is not None else None
+            if paired:
+                e["vs_best_single"] = {"source": best["source"], **paired}
     with_change = [e for e in sources_out if (e["tasks"].get(in_domain) or {}).get("vs_untuned")]
     ppls = [e["ppl_mean"] for e in with_change]
     changes = [e["tasks"][in_domain]["vs_untuned"]["difference"] for e in with_change]
@@ -599,6 +610,11 @@ def write_report(run_paths: Sequence[str], out_dir: str | None = None) -> Path:
         acc = f"{t['accuracy']:.3f} [{t['ci_low']:.3f}, {t['ci_high']:.3f}]" if t else "-"
         lines.append(f"| {e['source']} | {ppl} | {val} | {acc} | {_ci(t.get('vs_human'), pct=True)} | "
                      f"{_ci(t.get('vs_untuned'), pct=True)} |")
+    for e in cmp_["sources"]:
+        if "vs_best_single" in e:
+            b = e["vs_best_single"]
+            lines += ["", f"{e['source']} against the best single source on {in_domain} ({b['source']}), paired: "
+                          f"{_ci(b, pct=True)} points."]
     if others:
         lines += ["", "Forgetting: accuracy change and change of the gold option's log-likelihood (nats, per "
                       "question) against the untuned model, paired.", ""]

@@ -156,7 +156,7 @@ def fake_run(folder, source, ppls, gsm, csqa, base_dir):
     t = lambda rows: {"accuracy": sum(r["correct"] for r in rows) / len(rows), "ci_low": 0.0, "ci_high": 1.0,  # noqa: E731
                       "n": len(rows)}
     (folder / "perplexity.json").write_text(json.dumps({"per_example": [{"ppl": p} for p in ppls]}))
-    paths = {"human": {"file": 2}, "self": {"ground_truth": 1, "rationalized": 1}}[source]
+    paths = {"human": {"file": 2}, "self": {"ground_truth": 1, "rationalized": 1}}.get(source, {"chose:self": 2})
     (folder / "config.json").write_text(json.dumps({"manifest": {"counts_by_path": paths}}))
     (folder / "results.json").write_text(json.dumps({
         "source": source, "model": "m", "task": "gsm8k", "run_dir": str(folder), "train_examples": 2,
@@ -196,3 +196,24 @@ def test_report_pairs_every_comparison_per_question(tmp_path):
         assert (tmp_path / "out" / "perplexity_vs_accuracy.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SystemExit, match="not found"):
         ev.main(["report", str(tmp_path / "missing")])
+
+
+def test_report_compares_familiar_with_the_best_single_source(tmp_path):
+    """familiar:... against the single source with the best in-domain accuracy (self, 3/4 here, not
+    human's 2/4), paired by hand: familiar T T F F vs self T T T F: -1/4, one discordant question
+    (McNemar p = 1). Single sources get no such line."""
+    base = tmp_path / "base"
+    write_answers(base, "gsm8k", gsm_rows([False] * 4))
+    write_answers(base, "csqa", csqa_rows([[-1.0, -2.0], [-3.0, -1.0]]))
+    mc = [[-1.0, -2.0], [-3.0, -1.0]]
+    runs = [fake_run(tmp_path / "h", "human", [4.0, 4.0], [True, False, True, False], mc, base),
+            fake_run(tmp_path / "s", "self", [2.0, 2.0], [True, True, True, False], mc, base),
+            fake_run(tmp_path / "f", "familiar:human,self", [2.0, 3.0], [True, True, False, False], mc, base)]
+    report = ev.write_report(runs, str(tmp_path / "out")).read_text()
+    cmp_ = json.loads((tmp_path / "out" / "report.json").read_text())
+    human, self_, fam = cmp_["sources"]
+    b = fam["vs_best_single"]
+    assert b["source"] == "self" and b["difference"] == pytest.approx(-0.25) and b["p"] == pytest.approx(1.0)
+    assert (b["a_only"], b["b_only"]) == (0, 1) and "vs_best_single" not in self_ and "vs_best_single" not in human
+    assert "familiar:human,self against the best single source on gsm8k (self), paired: -25.0 [" in report
+    assert "- familiar:human,self: 2 examples (chose:self 2)" in report
