@@ -30,14 +30,14 @@ def run_to_end(cmd, env) -> None:
 
 
 def lines_in(pattern: str, root: Path) -> int:
-    """Complete lines in the files under root that match pattern: how far a run has written."""
-    n = 0
-    for f in root.rglob(pattern):
+    """Complete lines in the files under root that match pattern: how far a run has written. The
+    run swaps folders while this walks (a temporary checkpoint folder renamed into place): a folder
+    or file that vanishes mid-walk makes it walk again."""
+    while True:
         try:
-            n += f.read_bytes().count(b"\n")
+            return sum(f.read_bytes().count(b"\n") for f in root.rglob(pattern))
         except FileNotFoundError:  # replaced meanwhile
-            pass
-    return n
+            continue
 
 
 def kill_and_resume(first, again, env, progress, total, seed):
