@@ -523,7 +523,7 @@ def compare_runs(run_paths: Sequence[str]) -> dict:
     base_dir = next((r.get("base_dir") for r in runs if r.get("base_dir")), None)
     base = {t: load_answers(base_dir, t) for t in task_names}
     human_answers = {t: load_answers(human["run_dir"], t) for t in task_names} if human else {}
-    sources_out = []
+    sources_out, in_domain_answers = [], {}  # (run folder -> its in-domain answers, read once)
     for r in runs:
         ppl_file = Path(r["run_dir"]) / "perplexity.json"
         per = json.loads(ppl_file.read_text())["per_example"] if ppl_file.is_file() else None
@@ -541,6 +541,8 @@ def compare_runs(run_paths: Sequence[str]) -> dict:
             if t not in r["test"]:
                 continue
             mine = load_answers(r["run_dir"], t)
+            if t == in_domain:
+                in_domain_answers[r["run_dir"]] = mine
             cell = {k: r["test"][t][k] for k in ("accuracy", "ci_low", "ci_high", "n")}
             if mine is not None:
                 if base[t] is not None:
@@ -555,9 +557,9 @@ def compare_runs(run_paths: Sequence[str]) -> dict:
     singles = [e for e in sources_out if not e["source"].startswith("familiar:") and in_domain in e["tasks"]]
     if singles:
         best = max(singles, key=lambda e: e["tasks"][in_domain]["accuracy"])  # the first of equals
-        best_answers = load_answers(best["run_dir"], in_domain)
+        best_answers = in_domain_answers[best["run_dir"]]
         for e in sources_out:
-            mine = load_answers(e["run_dir"], in_domain) if e["source"].startswith("familiar:") else None
+            mine = in_domain_answers.get(e["run_dir"]) if e["source"].startswith("familiar:") else None
             paired = paired_accuracy(mine, best_answers) if mine is not None and best_answers is not None else None
             if paired:
                 e["vs_best_single"] = {"source": best["source"], **paired}

@@ -165,10 +165,10 @@ def compare_to_first(results: list[dict]) -> list[dict]:
     return rows
 
 
-def format_table(results: list[dict]) -> str:
+def format_table(results: list[dict], compared: list[dict]) -> str:
     """The printed table, sources in the order given: n, tokens, mean perplexity [95% CI], pooled
-    and median perplexity, and each later source minus the first, paired per question."""
-    compared = compare_to_first(results)
+    and median perplexity, and each later source minus the first, paired per question
+    (`compared`: compare_to_first(results))."""
     w = max([6] + [len(r["source"]) for r in results])
     ref = results[0]["source"]
     lines = [f"{'source':<{w}} {'n':>5} {'tokens':>8} {'mean ppl [95% CI]':>26} {'pooled':>8} {'median':>8}"
@@ -240,12 +240,13 @@ def main(argv=None):
             results.append({"source": name, **r, "seconds": round(time.time() - t0, 2)})
     except (ModelLoadError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    print(format_table(results))
+    compared = compare_to_first(results)
+    print(format_table(results, compared))
     if view:
         tokenview.report(tok, results, records_by_source, args.show, args.html,
                          f"Token NLL under untuned {args.model}: {args.task}, {', '.join(args.source)}")
     if args.out:
-        for r, c in zip(results, compare_to_first(results)):
+        for r, c in zip(results, compared):
             r["mean_ppl_ci"] = list(c["ci"])
             if "vs_first" in c:
                 r["minus_first"] = {"source": args.source[0], "n": c["vs_first"]["n"],

@@ -167,11 +167,11 @@ def claim(source: str, args, rank: int):
 
 
 def training_set_hash(source: str, args) -> str:
-    """The hash that names `source`'s cached training set for these settings (sources.cache_folder),
+    """The hash that names `source`'s cached training set for these settings (sources.inputs_hash),
     computed without building it."""
     inputs = sources.set_inputs(source, args.model, args.task, args.n_train, args.seed, args.gen_dtype,
                                 **sources.question_overrides(args), **sources.generation_overrides(args))
-    return sources.cache_folder(inputs).name.rsplit("-", 1)[-1]
+    return sources.inputs_hash(inputs)
 
 
 def plan_run_folder(run_dir: Path, source: str, args) -> bool:

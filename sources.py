@@ -224,10 +224,9 @@ def build_inputs(source, model, task, n_train, seed, gen, train_questions=None, 
     if split != "train":  # the held-out questions a run's validation loss is measured on
         inputs["split"], inputs["n_val"] = split, n_val
     if kind == "familiar":  # the candidates' own cache keys (file hashes included) and the rule
-        def key(c):
-            return cache_folder(build_inputs(c, model, task, n_train, seed, gen, train_questions, allow_unmatched,
-                                             split, n_val)).name.rsplit("-", 1)[-1]
-        inputs["candidates"] = [{"source": c, "inputs_sha256": key(c)} for c in familiar_candidates(arg)]
+        inputs["candidates"] = [{"source": c, "inputs_sha256": inputs_hash(build_inputs(
+            c, model, task, n_train, seed, gen, train_questions, allow_unmatched, split, n_val))}
+            for c in familiar_candidates(arg)]
         inputs["selection"] = FAMILIAR_RULE
     return inputs
 
@@ -241,10 +240,15 @@ def set_inputs(source, model, task, n_train, seed, dtype, train_questions=None, 
                         train_questions, allow_unmatched, split, n_val)
 
 
+def inputs_hash(inputs: dict) -> str:
+    """The key of a set's inputs (the end of its cache folder's name; its manifest's inputs_sha256)."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def cache_folder(inputs: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", inputs["source"])[:60]
-    return CACHE_DIR / inputs["task"] / re.sub(r"[^A-Za-z0-9_.-]+", "_", inputs["model"]) / f"{slug}-{digest}"
+    model = re.sub(r"[^A-Za-z0-9_.-]+", "_", inputs["model"])
+    return CACHE_DIR / inputs["task"] / model / f"{slug}-{inputs_hash(inputs)}"
 
 
 def default_gen(**overrides) -> dict:
@@ -592,7 +596,7 @@ def build(source, model="smollm2-135m-instruct", task="gsm8k", n_train=None, see
             **inputs, "cache_folder": str(folder), "questions": len(all_records), "kept": len(kept),
             "coverage": round(len(kept) / max(1, len(all_records)), 4), "counts_by_path": counts,
             "build_seconds": round(time.time() - t0, 1), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "inputs_sha256": folder.name.rsplit("-", 1)[-1], **extra,
+            "inputs_sha256": inputs_hash(inputs), **extra,
         }
         if train_questions is not None:  # what --allow-unmatched skipped, and the file's repeats
             manifest["train_questions"] = {"path": str(train_questions), "unmatched_skipped": len(chosen["unmatched"]),

@@ -206,5 +206,5 @@ def test_table_pairs_each_source_with_the_first_by_question():
     assert v["diff"][0] == pytest.approx(((3.5 - 4.0) + (4.0 - 5.0) + (6.5 - 6.0)) / 3)
     lo, hi = rows[0]["ci"]
     assert 3.0 <= lo <= human["mean_ppl"] <= hi <= 6.0
-    table = format_table([human, other])
+    table = format_table([human, other], rows)
     assert "(2 of 3)" in table and "-0.333 [" in table and table.splitlines()[1].startswith("human")
