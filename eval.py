@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import fast
+import sources
 import stats
 import tasks
 from data import render
@@ -530,7 +531,8 @@ def compare_runs(run_paths: Sequence[str]) -> dict:
         ppl = r["perplexity"]
         config_file = Path(r["run_dir"]) / "config.json"
         manifest = json.loads(config_file.read_text()).get("manifest", {}) if config_file.is_file() else {}
-        entry = {"source": r["source"], "run_dir": r["run_dir"], "n_train": r.get("train_examples"),
+        entry = {"source": r["source"], "label": sources.source_label(r["source"]), "run_dir": r["run_dir"],
+                 "n_train": r.get("train_examples"),
                  # where the training answers came from: self's own vs the ground-truth fallback,
                  # familiar's winning source per question ("chose:<source>"), ...
                  "counts_by_path": manifest.get("counts_by_path"),
@@ -562,7 +564,7 @@ def compare_runs(run_paths: Sequence[str]) -> dict:
             mine = in_domain_answers.get(e["run_dir"]) if e["source"].startswith("familiar:") else None
             paired = paired_accuracy(mine, best_answers) if mine is not None and best_answers is not None else None
             if paired:
-                e["vs_best_single"] = {"source": best["source"], **paired}
+                e["vs_best_single"] = {"source": best["source"], "label": best["label"], **paired}
     with_change = [e for e in sources_out if (e["tasks"].get(in_domain) or {}).get("vs_untuned")]
     ppls = [e["ppl_mean"] for e in with_change]
     changes = [e["tasks"][in_domain]["vs_untuned"]["difference"] for e in with_change]
@@ -571,6 +573,12 @@ def compare_runs(run_paths: Sequence[str]) -> dict:
                for t in task_names if base[t]}
     return {"model": runs[0]["model"], "task": in_domain, "tasks": task_names, "runs": [str(p) for p in run_paths],
             "base_dir": base_dir, "untuned": untuned, "sources": sources_out, "correlation": corr}
+
+
+def path_label(path: str) -> str:
+    """A training set's path count as the report names it: familiar's chose:<source> with the
+    source's label (chose:file:/long/path/a.json -> chose:file:a.json); other paths as they are."""
+    return "chose:" + sources.source_label(path[len("chose:"):]) if path.startswith("chose:") else path
 
 
 def _ci(c: dict | None, digits: int = 3, pct: bool = False) -> str:
@@ -607,15 +615,15 @@ def write_report(run_paths: Sequence[str], out_dir: str | None = None) -> Path:
         ppl = f"{e['ppl_mean']:.3f}" + (f" [{e['ppl_ci'][0]:.3f}, {e['ppl_ci'][1]:.3f}]" if e["ppl_ci"] else "")
         val = f"{v['before']:.3f} -> {v['after']:.3f} ({100 * v['relative_change']:+.1f}%)" if "before" in v else "n/a"
         if v.get("learned") is not True:
-            flagged.append(e["source"])
+            flagged.append(e["label"])
             val += " [!]"
         acc = f"{t['accuracy']:.3f} [{t['ci_low']:.3f}, {t['ci_high']:.3f}]" if t else "-"
-        lines.append(f"| {e['source']} | {ppl} | {val} | {acc} | {_ci(t.get('vs_human'), pct=True)} | "
+        lines.append(f"| {e['label']} | {ppl} | {val} | {acc} | {_ci(t.get('vs_human'), pct=True)} | "
                      f"{_ci(t.get('vs_untuned'), pct=True)} |")
     for e in cmp_["sources"]:
         if "vs_best_single" in e:
             b = e["vs_best_single"]
-            lines += ["", f"{e['source']} against the best single source on {in_domain} ({b['source']}), paired: "
+            lines += ["", f"{e['label']} against the best single source on {in_domain} ({b['label']}), paired: "
                           f"{_ci(b, pct=True)} points."]
     if others:
         lines += ["", "Forgetting: accuracy change and change of the gold option's log-likelihood (nats, per "
@@ -626,12 +634,18 @@ def write_report(run_paths: Sequence[str], out_dir: str | None = None) -> Path:
         for e in cmp_["sources"]:
             cells = [_ci(e["tasks"].get(t, {}).get("vs_untuned"), pct=True) for t in others]
             cells += [_ci(e["tasks"].get(t, {}).get("gold_loglik_vs_untuned")) for t in others]
-            lines.append(f"| {e['source']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {e['label']} | " + " | ".join(cells) + " |")
     lines += ["", "Training sets: how many answers each source kept, and where they came from (`ground_truth`: "
                   "the human answer as a fallback; `chose:X`: the familiar source took X's answer).", ""]
     for e in cmp_["sources"]:
-        paths = ", ".join(f"{k} {v}" for k, v in sorted((e["counts_by_path"] or {}).items(), key=lambda kv: -kv[1]))
-        lines.append(f"- {e['source']}: {e['n_train']} examples" + (f" ({paths})" if paths else ""))
+        counts = e["counts_by_path"] or {}
+        paths = ", ".join(f"{path_label(k)} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+        # train.py drops an answer longer than --max-seq-len after the set is built: say so, or the
+        # counts (the set) and the examples (what was trained on) disagree without a reason
+        left_out = sum(counts.values()) - e["n_train"] if counts and e["n_train"] is not None else 0
+        if left_out > 0:
+            paths += f"; {left_out} not trained on: longer than --max-seq-len"
+        lines.append(f"- {e['label']}: {e['n_train']} examples" + (f" ({paths})" if paths else ""))
     c = cmp_["correlation"]
     lines += ["", f"Correlation across sources between untuned perplexity and the {in_domain} accuracy change from "
                   f"the untuned model: Pearson r = {c['r']:.3f} (permutation p = {c['p']:.3g}), Spearman rho = "
@@ -678,7 +692,7 @@ def plot_ppl_vs_accuracy(cmp_: dict, path: Path) -> Path | None:
     # teacher:<model>-style names break after the colon
     by_x = sorted(range(len(points)), key=lambda i: xs[i])
     for rank, i in enumerate(by_x):
-        ax.annotate(points[i]["source"].replace(":", ":\n", 1), (xs[i], ys[i]), textcoords="offset points",
+        ax.annotate(points[i]["label"].replace(":", ":\n", 1), (xs[i], ys[i]), textcoords="offset points",
                     xytext=(4, 4 if rank % 2 == 0 else -16), fontsize=8, va="bottom" if rank % 2 == 0 else "top")
     ax.set_xlabel("untuned perplexity of the training answers (mean, 95% CI)")
     ax.set_ylabel(f"{task} accuracy change vs untuned (points)")

@@ -461,6 +461,18 @@ def familiar_candidates(arg: str) -> list[str]:
     return names
 
 
+def source_label(source: str) -> str:
+    """A source as a report's table names it: a file source by its file name, not its whole path
+    (file:/clone/dataset/GSM8K/openai_gpt4_data.json -> file:openai_gpt4_data.json), a familiar
+    list with each of its candidates so. Reports keep the full source beside it in their JSON."""
+    kind, _, arg = source.partition(":")
+    if kind == "file" and arg:
+        return f"file:{Path(arg).name}"
+    if kind == "familiar" and arg:
+        return "familiar:" + ",".join(source_label(c) for c in _NEXT_SOURCE.split(arg))
+    return source
+
+
 def candidate_correct(record: dict, task: str) -> bool:
     """ANSWER_RULE for a built record: its stated final answer (not merely its last number) equals
     the gold. Whether a generated reply ended by itself is not in its text; its source checked

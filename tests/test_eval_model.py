@@ -217,3 +217,28 @@ def test_report_compares_familiar_with_the_best_single_source(tmp_path):
     assert (b["a_only"], b["b_only"]) == (0, 1) and "vs_best_single" not in self_ and "vs_best_single" not in human
     assert "familiar:human,self against the best single source on gsm8k (self), paired: -25.0 [" in report
     assert "- familiar:human,self: 2 examples (chose:self 2)" in report
+
+
+def test_report_names_file_sources_by_file_name_and_counts_answers_left_out(tmp_path):
+    """A file source's row names the file, not its whole path (the JSON keeps the path), a familiar
+    run's choices likewise; a set of 3 answers of which the run trained on 2 says 1 was left out."""
+    base = tmp_path / "base"
+    write_answers(base, "gsm8k", gsm_rows([False] * 4))
+    write_answers(base, "csqa", csqa_rows([[-1.0, -2.0], [-3.0, -1.0]]))
+    mc = [[-1.0, -2.0], [-3.0, -1.0]]
+    gpt = "file:/clone/dataset/GSM8K/openai_gpt4_data.json"
+    runs = [fake_run(tmp_path / "h", "human", [4.0, 4.0], [True, False, True, False], mc, base),
+            fake_run(tmp_path / "g", gpt, [3.0, 3.0], [True, True, True, False], mc, base),
+            fake_run(tmp_path / "f", f"familiar:human,{gpt}", [2.0, 3.0], [True, True, False, False], mc, base)]
+    cfg = tmp_path / "g" / "config.json"
+    cfg.write_text(json.dumps({"manifest": {"counts_by_path": {"file": 3}}}))
+    cfg = tmp_path / "f" / "config.json"
+    cfg.write_text(json.dumps({"manifest": {"counts_by_path": {f"chose:{gpt}": 1, "chose:human": 1}}}))
+    report = ev.write_report(runs, str(tmp_path / "out")).read_text()
+    cmp_ = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [e["source"] for e in cmp_["sources"]] == ["human", gpt, f"familiar:human,{gpt}"]
+    assert "| file:openai_gpt4_data.json | 3.000 [" in report and "/clone/" not in report
+    assert "- file:openai_gpt4_data.json: 2 examples (file 3; 1 not trained on: longer than --max-seq-len)" in report
+    assert "- familiar:human,file:openai_gpt4_data.json: 2 examples (chose:file:openai_gpt4_data.json 1, " \
+           "chose:human 1)" in report
+    assert "(file:openai_gpt4_data.json), paired: " in report

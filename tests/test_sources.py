@@ -390,3 +390,13 @@ def test_train_questions_pair_every_source(tmp_path):
     val, vm = sources.build(f"file:{qfile}", split="val", n_val=1, **opts)
     assert [r["id"] for r in val] == [picked[3].id] and val[0]["response"].startswith("Mine.")
     assert vm["inputs_sha256"] not in (fm["inputs_sha256"], hm["inputs_sha256"])
+
+
+@pytest.mark.parametrize("source, label", [
+    ("human", "human"), ("teacher:qwen2.5-coder-0.5b-instruct", "teacher:qwen2.5-coder-0.5b-instruct"),
+    ("file:/clone/dataset/GSM8K/anthropic_Claud.json", "file:anthropic_Claud.json"),
+    ("familiar:human,file:/a/b/x.json,self", "familiar:human,file:x.json,self"),
+    ("familiar:file:/a,b/x.json,file:/c/y.jsonl", "familiar:file:x.json,file:y.jsonl"),
+])
+def test_source_label_names_a_file_by_its_file_name(source, label):
+    assert sources.source_label(source) == label
