@@ -52,7 +52,7 @@ import sources
 import stats
 import tasks
 from data import Batch, collate, length_buckets, render
-from devices import best_device, usable_device
+from devices import best_device, release_freed_memory, usable_device
 from eval import evaluate_task
 from fileio import DefaultsHelpFormatter, check_at_least_one, check_output_folder, progress_bar, write_json_atomic
 from lora import LoRAConfig, count_parameters, inject_lora, load_adapter, target_module_names, update_ratios
@@ -164,6 +164,10 @@ def run_source(source: str, args, ctx: Context) -> dict:
     val = tasks.splits(args.task, n_train=args.n_train, n_val=args.n_val, seed=args.seed,
                        **sources.question_overrides(args))["val"]
     fine_tune(model, optimizer, scaler, autocast_dtype, rendered, val, val_rendered, state, lora_cfg, run, args, ctx)
+    # The test below loads the best epoch's adapter onto fresh weights: drop the trained model
+    # first, so two copies never sit in memory together (a 7B model's 14 GB on a GPU).
+    del model, optimizer, scaler
+    release_freed_memory()
 
     # 4. test: in-domain and the other tasks, with the best adapter
     if rank != 0:
@@ -225,6 +229,7 @@ def fine_tune(model, optimizer, scaler, autocast_dtype, rendered, val, val_rende
             run.log({"epoch": epoch + 1, "step": state["step"], "loss": loss, "tokens": n_tok, "lr": lr,
                      "grad_norm": gnorm})
         model.eval()
+        release_freed_memory()  # the epoch's activations, before generation (devices.py says why)
         if rank == 0:
             v = evaluate_task(model, ctx.tok, args.task, examples=val, batch_size=args.eval_batch_size,
                               max_new_tokens=args.max_new_tokens, progress=True)
@@ -414,6 +419,7 @@ def score_tasks(model, args, ctx: Context, task_names: list[str], folder: Path, 
                           max_new_tokens=args.max_new_tokens, records_path=folder / f"eval-{task}.jsonl",
                           progress=True)
         scores[task] = {k: r[k] for k in ("accuracy", "ci_low", "ci_high", "n")}
+        release_freed_memory()
         print(f"[{label}] test {task}: {r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] (n={r['n']})",
               flush=True)
     return scores
