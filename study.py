@@ -7,7 +7,8 @@ tested, compared and exported (issue 18 sections 5-8; the paper's section 3 expe
 Stages, in order, each skipped when its result is on disk, so the command can be stopped at any
 point (Ctrl-C, a killed session) and run again to continue where it was:
   1. one train.py run per source (`--resume`: a killed run continues from its last epoch), each
-     in a subprocess whose output goes to <work>/logs/<source>.log;
+     in a subprocess whose output goes to <work>/logs/<source>.log; `--jobs N` runs N at once
+     (each its own process: mind the cores and the memory, see --help);
   2. the comparison report (eval.py report: paired statistics, the plot);
   3. the export to docs/results/<study>/: report.md, report.json, the plot, results.json (the
      exact commands, the commit, the machine, wall time per stage, every n), answers.jsonl
@@ -106,7 +107,44 @@ def export_answers(run_dirs: dict[str, Path], out: Path) -> int:
     return len(rows)
 
 
-def run_study(name: str, paper_data: Path, work: Path, out: Path, extra: list[str]) -> None:
+def run_stages(todo: list[str], study: dict, paper_data: Path, work: Path, extra: list[str], jobs: int,
+               state: dict, state_path: Path) -> list[str]:
+    """Train the `todo` sources, up to `jobs` train.py processes at a time, in the study's order;
+    each finished stage goes into the study's state at once. After a failure no new stage
+    starts, the running ones finish (each is resumable anyway). Returns the failures."""
+    waiting, running, failed = list(todo), {}, []  # running: source -> (process, log file, command, start)
+    while waiting or running:
+        while waiting and len(running) < jobs and not failed:
+            source = waiting.pop(0)
+            cmd = train_command(study, source, paper_data, work, extra)
+            log_path = work / "logs" / f"{run_name(source)}.log"
+            print(f"[study] train {source}: {shlex.join(cmd)}  (log: {log_path})", flush=True)
+            log = open(log_path, "a")
+            running[source] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), log, cmd,
+                               time.time())
+        if failed and not running:
+            break
+        time.sleep(1)
+        for source, (proc, log, cmd, t0) in list(running.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            log.close()
+            del running[source]
+            if code != 0:
+                failed.append(f"train {source} failed (exit {code})")
+                print(f"[study] train {source}: failed (exit {code}); " +
+                      (f"waiting for {', '.join(running)} to finish" if running else "stopping"), flush=True)
+                continue
+            print(f"[study] train {source}: finished in {time.time() - t0:.0f} s", flush=True)
+            state["stages"][f"train {source}"] = {
+                "command": shlex.join(cmd), "seconds": round(time.time() - t0, 1), "commit": git_commit(),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "jobs": jobs}
+            write_json_atomic(state_path, state)
+    return failed
+
+
+def run_study(name: str, paper_data: Path, work: Path, out: Path, extra: list[str], jobs: int = 1) -> None:
     study = STUDIES[name]
     missing = [f for f in [QUESTIONS_FILE, *PAPER_FILES.values()] if not (paper_data / f).is_file()]
     if missing:
@@ -118,25 +156,17 @@ def run_study(name: str, paper_data: Path, work: Path, out: Path, extra: list[st
     state_path = work / "study.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"stages": {}}
     state.update(study=name, model=study["model"], paper_data=str(paper_data), machine=machine())
-    run_dirs = {}
-    for source in study["sources"]:
-        cmd = train_command(study, source, paper_data, work, extra)
-        run_dir = work / "runs" / run_name(source)
-        run_dirs[source] = run_dir
-        stage = f"train {source}"
+    run_dirs = {source: work / "runs" / run_name(source) for source in study["sources"]}
+    todo = []
+    for source, run_dir in run_dirs.items():
         if (run_dir / "results.json").exists():
-            print(f"[study] {stage}: done ({run_dir})", flush=True)
-            continue
-        print(f"[study] {stage}: {shlex.join(cmd)}  (log: {work / 'logs' / run_name(source)}.log)", flush=True)
-        t0 = time.time()
-        with open(work / "logs" / f"{run_name(source)}.log", "a") as log:
-            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        if code != 0:
-            raise RuntimeError(f"{stage} failed (exit {code}); see {work / 'logs' / run_name(source)}.log, fix it, "
-                               f"and run the same command again to continue")
-        state["stages"][stage] = {"command": shlex.join(cmd), "seconds": round(time.time() - t0, 1),
-                                  "commit": git_commit(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        write_json_atomic(state_path, state)
+            print(f"[study] train {source}: done ({run_dir})", flush=True)
+        else:
+            todo.append(source)
+    failed = run_stages(todo, study, paper_data, work, extra, jobs, state, state_path)
+    if failed:
+        raise RuntimeError(f"{'; '.join(failed)}: see the log(s) in {work / 'logs'}, fix it, and run the same "
+                           f"command again to continue (finished stages are kept)")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     write_report([str(d) for d in run_dirs.values()], str(out))
@@ -177,6 +207,11 @@ def main(argv=None) -> None:
                          "it, status does not)")
     ap.add_argument("--work", default=None, help="where runs and logs go (default: studies/<study>)")
     ap.add_argument("--out", default=None, help="where the results are exported (default: docs/results/<study>)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="train this many sources at once, one process each (give each its own CPU threads, e.g. "
+                         "OMP_NUM_THREADS=1 with 2 jobs on 2 cores). Memory adds up: a training process of the "
+                         "135M model peaks at ~8 GB of host memory, of the 0.5B model ~12 GB; --grad-checkpoint "
+                         "(passed on to train.py) cuts that several-fold for ~1.25x the time, same gradients")
     args, extra = ap.parse_known_args(argv)  # anything else goes to every train.py run
     work = Path(args.work or ROOT / "studies" / args.study)
     out = Path(args.out or ROOT / "docs" / "results" / args.study)
@@ -185,7 +220,9 @@ def main(argv=None) -> None:
             return status(args.study, work)
         if not args.paper_data:
             raise ValueError("run needs --paper-data (the dataset/GSM8K folder of the paper's repository)")
-        run_study(args.study, Path(args.paper_data).resolve(), work.resolve(), out.resolve(), extra)
+        if args.jobs < 1:
+            raise ValueError(f"--jobs must be 1 or more, not {args.jobs}")
+        run_study(args.study, Path(args.paper_data).resolve(), work.resolve(), out.resolve(), extra, args.jobs)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

@@ -60,3 +60,39 @@ def test_a_familiar_list_maps_each_paper_candidate_to_its_file():
         "file:/clone/dataset/GSM8K/anthropic_Claud.json,self")
     assert study.run_name("familiar:human,paper:gpt4,paper:claude,self") == "familiar"
     assert study.run_name("paper:minimum-change") == "paper-minimum-change"
+
+
+STAGE = r"""
+import sys, time
+source, folder = sys.argv[1], sys.argv[2]
+with open(folder + "/events", "a") as f:
+    f.write(f"start {source}\n")
+if source == "bad":
+    sys.exit(3)
+time.sleep(0.6)
+with open(folder + "/events", "a") as f:
+    f.write(f"end {source}\n")
+"""
+
+
+def test_jobs_runs_at_most_that_many_stages_at_once_and_starts_none_after_a_failure(tmp_path, monkeypatch):
+    """Five stages, two at a time, the fourth failing at once: a, b run together, then c and bad;
+    after bad fails, d never starts, c still finishes and is recorded; bad and d are not."""
+    import sys
+    monkeypatch.setattr(study, "train_command", lambda st, source, *a: [sys.executable, "-c", STAGE, source,
+                                                                        str(tmp_path)])
+    (tmp_path / "logs").mkdir()
+    state, state_path = {"stages": {}}, tmp_path / "study.json"
+    failed = study.run_stages(["a", "b", "c", "bad", "d"], {}, tmp_path, tmp_path, [], 2, state, state_path)
+    assert failed == ["train bad failed (exit 3)"]
+    events = (tmp_path / "events").read_text().split("\n")[:-1]
+    running, most = 0, 0
+    for e in events:
+        running += 1 if e.startswith("start") else -1
+        most = max(most, running)
+        if e == "start bad":
+            running -= 1  # it exits at once, writing no "end"
+    assert events[:2] == ["start a", "start b"]
+    assert most == 2 and "start d" not in events and "end c" in events
+    assert set(json.loads(state_path.read_text())["stages"]) == {"train a", "train b", "train c"}
+    assert json.loads(state_path.read_text())["stages"]["train a"]["jobs"] == 2
