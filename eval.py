@@ -490,6 +490,20 @@ def gold_loglik(record: dict) -> float | None:
     return record["logprobs"][tasks.LETTERS.index(record["gold"])]
 
 
+def top_pick(answers: dict | None) -> dict | None:
+    """Multiple choice: the option a model picked most often, its share of the questions, and how
+    often that option is the gold answer (None for other tasks). A model that picks one option
+    for nearly every question scores about that last share, whatever it knows: its accuracy
+    change then measures a shifted preference more than knowledge."""
+    scored = [r for r in (answers or {}).values() if "logprobs" in r and r.get("extracted")]
+    if not scored:
+        return None
+    picks, golds = [r["extracted"] for r in scored], [r["gold"] for r in scored]
+    option = max(sorted(set(picks)), key=picks.count)  # the first letter of equals
+    return {"option": option, "share": picks.count(option) / len(picks), "gold_share": golds.count(option) / len(golds),
+            "n": len(picks)}
+
+
 def paired_accuracy(a: dict, b: dict) -> dict | None:
     """Run a against run b on the questions both answered: the accuracy difference with its
     paired bootstrap interval and the exact McNemar p-value."""
@@ -546,6 +560,8 @@ def compare_runs(run_paths: Sequence[str]) -> dict:
             if t == in_domain:
                 in_domain_answers[r["run_dir"]] = mine
             cell = {k: r["test"][t][k] for k in ("accuracy", "ci_low", "ci_high", "n")}
+            if top_pick(mine):
+                cell["top_pick"] = top_pick(mine)
             if mine is not None:
                 if base[t] is not None:
                     cell["vs_untuned"] = paired_accuracy(mine, base[t])
@@ -569,7 +585,8 @@ def compare_runs(run_paths: Sequence[str]) -> dict:
     ppls = [e["ppl_mean"] for e in with_change]
     changes = [e["tasks"][in_domain]["vs_untuned"]["difference"] for e in with_change]
     corr = {**stats.permutation_test(ppls, changes), "spearman": spearman(ppls, changes)}
-    untuned = {t: {"accuracy": sum(x["correct"] for x in base[t].values()) / len(base[t]), "n": len(base[t])}
+    untuned = {t: {"accuracy": sum(x["correct"] for x in base[t].values()) / len(base[t]), "n": len(base[t]),
+                   **({"top_pick": top_pick(base[t])} if top_pick(base[t]) else {})}
                for t in task_names if base[t]}
     return {"model": runs[0]["model"], "task": in_domain, "tasks": task_names, "runs": [str(p) for p in run_paths],
             "base_dir": base_dir, "untuned": untuned, "sources": sources_out, "correlation": corr}
@@ -635,6 +652,20 @@ def write_report(run_paths: Sequence[str], out_dir: str | None = None) -> Path:
             cells = [_ci(e["tasks"].get(t, {}).get("vs_untuned"), pct=True) for t in others]
             cells += [_ci(e["tasks"].get(t, {}).get("gold_loglik_vs_untuned")) for t in others]
             lines.append(f"| {e['label']} | " + " | ".join(cells) + " |")
+    choice_tasks = [t for t in others if any("top_pick" in e["tasks"].get(t, {}) for e in cmp_["sources"])]
+    if choice_tasks:
+        lines += ["", "Option bias: each model's most-picked option per multiple-choice task, the share of "
+                      "questions it picked it for, and (in brackets) how often that option is the gold answer. A "
+                      "model that picks one option nearly always scores about the bracketed share whatever it "
+                      "knows, so its accuracy change there says more about a shifted preference than about "
+                      "forgetting: read the gold log-likelihood change beside it.", "",
+                  "| model | " + " | ".join(choice_tasks) + " |", "|" + "---|" * (len(choice_tasks) + 1)]
+        bias = lambda c: (f"{c['option']} {100 * c['share']:.0f}% ({100 * c['gold_share']:.0f}%)"  # noqa: E731
+                          if c else "-")
+        rows = [("untuned", cmp_["untuned"])] + [(e["label"], e["tasks"]) for e in cmp_["sources"]]
+        for name, cells in rows:
+            lines.append(f"| {name} | " + " | ".join(bias((cells.get(t) or {}).get("top_pick")) for t in choice_tasks)
+                         + " |")
     lines += ["", "Training sets: how many answers each source kept, and where they came from (`ground_truth`: "
                   "the human answer as a fallback; `chose:X`: the familiar source took X's answer).", ""]
     for e in cmp_["sources"]:

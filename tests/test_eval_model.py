@@ -146,8 +146,8 @@ def gsm_rows(verdicts):
 
 
 def csqa_rows(logprobs):  # gold A for c0, B for c1
-    return [{"id": f"c{i}", "gold": "AB"[i], "logprobs": lp, "correct": lp.index(max(lp)) == i}
-            for i, lp in enumerate(logprobs)]
+    return [{"id": f"c{i}", "gold": "AB"[i], "logprobs": lp, "extracted": "AB"[lp.index(max(lp))],
+             "correct": lp.index(max(lp)) == i} for i, lp in enumerate(logprobs)]
 
 
 def fake_run(folder, source, ppls, gsm, csqa, base_dir):
@@ -228,7 +228,7 @@ def test_report_names_file_sources_by_file_name_and_counts_answers_left_out(tmp_
     mc = [[-1.0, -2.0], [-3.0, -1.0]]
     gpt = "file:/clone/dataset/GSM8K/openai_gpt4_data.json"
     runs = [fake_run(tmp_path / "h", "human", [4.0, 4.0], [True, False, True, False], mc, base),
-            fake_run(tmp_path / "g", gpt, [3.0, 3.0], [True, True, True, False], mc, base),
+            fake_run(tmp_path / "g", gpt, [3.0, 3.0], [True, True, True, False], [[-1.0, -2.0], [-1.0, -3.0]], base),
             fake_run(tmp_path / "f", f"familiar:human,{gpt}", [2.0, 3.0], [True, True, False, False], mc, base)]
     cfg = tmp_path / "g" / "config.json"
     cfg.write_text(json.dumps({"manifest": {"counts_by_path": {"file": 3}}}))
@@ -242,3 +242,8 @@ def test_report_names_file_sources_by_file_name_and_counts_answers_left_out(tmp_
     assert "- familiar:human,file:openai_gpt4_data.json: 2 examples (chose:file:openai_gpt4_data.json 1, " \
            "chose:human 1)" in report
     assert "(file:openai_gpt4_data.json), paired: " in report
+    # option bias, by hand: untuned and human pick A then B (A: half the picks, half the golds);
+    # the GPT-4 run picks A for both questions (100%), and A is gold for one of the two (50%)
+    assert "| untuned | A 50% (50%) |" in report and "| human | A 50% (50%) |" in report
+    assert "| file:openai_gpt4_data.json | A 100% (50%) |" in report
+    assert cmp_["sources"][1]["tasks"]["csqa"]["top_pick"] == {"option": "A", "share": 1.0, "gold_share": 0.5, "n": 2}
