@@ -515,12 +515,24 @@ def paired_accuracy(a: dict, b: dict) -> dict | None:
     return {"n": len(common), "difference": diff, "ci_low": lo, "ci_high": hi, **stats.mcnemar_exact(x, y)}
 
 
-def paired_gold_loglik(a: dict, b: dict) -> dict | None:
-    """Mean change a - b of the gold option's log-likelihood, paired per question, with its interval."""
-    common = [i for i in a if i in b and gold_loglik(a[i]) is not None and gold_loglik(b[i]) is not None]
+def gold_choice_logprob(record: dict) -> float | None:
+    """Multiple choice: log p(gold | the reply is one of the options), the gold option's
+    log-likelihood minus the log-sum-exp over all options (None otherwise). Fine-tuning on long
+    worked answers makes every one-letter reply less likely; this measure ignores that shift of
+    format and keeps what moved between the options: what the model knows."""
+    if "logprobs" not in record or record.get("gold") is None:
+        return None
+    top = max(record["logprobs"])
+    return gold_loglik(record) - (top + math.log(sum(math.exp(x - top) for x in record["logprobs"])))
+
+
+def paired_change(a: dict, b: dict, measure: Callable[[dict], float | None]) -> dict | None:
+    """Mean change a - b of a per-question measure, paired over the questions where both have
+    it, with its bootstrap interval."""
+    common = [i for i in a if i in b and measure(a[i]) is not None and measure(b[i]) is not None]
     if not common:
         return None
-    diff, lo, hi = stats.paired_difference([gold_loglik(a[i]) for i in common], [gold_loglik(b[i]) for i in common])
+    diff, lo, hi = stats.paired_difference([measure(a[i]) for i in common], [measure(b[i]) for i in common])
     return {"n": len(common), "difference": diff, "ci_low": lo, "ci_high": hi}
 
 
@@ -565,7 +577,8 @@ def compare_runs(run_paths: Sequence[str]) -> dict:
             if mine is not None:
                 if base[t] is not None:
                     cell["vs_untuned"] = paired_accuracy(mine, base[t])
-                    cell["gold_loglik_vs_untuned"] = paired_gold_loglik(mine, base[t])
+                    cell["gold_loglik_vs_untuned"] = paired_change(mine, base[t], gold_loglik)
+                    cell["gold_choice_vs_untuned"] = paired_change(mine, base[t], gold_choice_logprob)
                 if human is not r and human_answers.get(t) is not None:
                     cell["vs_human"] = paired_accuracy(mine, human_answers[t])
             entry["tasks"][t] = cell
@@ -643,22 +656,27 @@ def write_report(run_paths: Sequence[str], out_dir: str | None = None) -> Path:
             lines += ["", f"{e['label']} against the best single source on {in_domain} ({b['label']}), paired: "
                           f"{_ci(b, pct=True)} points."]
     if others:
-        lines += ["", "Forgetting: accuracy change and change of the gold option's log-likelihood (nats, per "
-                      "question) against the untuned model, paired.", ""]
-        head = ["source"] + [f"{t} accuracy vs untuned" for t in others] + [f"{t} gold log-lik vs untuned"
-                                                                            for t in others]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for e in cmp_["sources"]:
-            cells = [_ci(e["tasks"].get(t, {}).get("vs_untuned"), pct=True) for t in others]
-            cells += [_ci(e["tasks"].get(t, {}).get("gold_loglik_vs_untuned")) for t in others]
-            lines.append(f"| {e['label']} | " + " | ".join(cells) + " |")
+        lines += ["", "Forgetting, against the untuned model on the other tasks, paired per question: the accuracy "
+                      "change (points); the change of the gold option's log-likelihood as the reply (nats); and the "
+                      "change of the gold option's log-probability among the options (log p(gold given that the "
+                      "reply is an option), nats), which leaves out a shift of every option at once (after "
+                      "training on long worked answers a one-letter reply is less likely whatever the letter) and "
+                      "keeps what moved between the options."]
+        for title, key, pct in (("accuracy", "vs_untuned", True),
+                                ("gold log-likelihood", "gold_loglik_vs_untuned", False),
+                                ("gold among options", "gold_choice_vs_untuned", False)):
+            lines += ["", "| source | " + " | ".join(f"{t} {title}" for t in others) + " |",
+                      "|" + "---|" * (len(others) + 1)]
+            for e in cmp_["sources"]:
+                lines.append(f"| {e['label']} | " + " | ".join(_ci(e["tasks"].get(t, {}).get(key), pct=pct)
+                                                              for t in others) + " |")
     choice_tasks = [t for t in others if any("top_pick" in e["tasks"].get(t, {}) for e in cmp_["sources"])]
     if choice_tasks:
         lines += ["", "Option bias: each model's most-picked option per multiple-choice task, the share of "
                       "questions it picked it for, and (in brackets) how often that option is the gold answer. A "
                       "model that picks one option nearly always scores about the bracketed share whatever it "
                       "knows, so its accuracy change there says more about a shifted preference than about "
-                      "forgetting: read the gold log-likelihood change beside it.", "",
+                      "forgetting: read the gold-among-options change above.", "",
                   "| model | " + " | ".join(choice_tasks) + " |", "|" + "---|" * (len(choice_tasks) + 1)]
         bias = lambda c: (f"{c['option']} {100 * c['share']:.0f}% ({100 * c['gold_share']:.0f}%)"  # noqa: E731
                           if c else "-")

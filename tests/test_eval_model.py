@@ -2,6 +2,7 @@
 accuracy, auditable records, Spearman, and the comparison report."""
 
 import json
+import math
 
 import pytest
 
@@ -187,6 +188,15 @@ def test_report_pairs_every_comparison_per_question(tmp_path):
     assert human["tasks"]["gsm8k"]["vs_untuned"]["difference"] == pytest.approx(0.25)
     assert human["tasks"]["gsm8k"]["vs_untuned"]["p"] == pytest.approx(1.0) and "vs_human" not in human["tasks"]["gsm8k"]
     assert self_["tasks"]["csqa"]["gold_loglik_vs_untuned"]["difference"] == pytest.approx(-0.75)
+    # among the options, by hand: untuned -log(1 + e^-1), -log(1 + e^-2); self -log(1 + e^-0.5),
+    # -log(1 + e^-1): a mean change of -0.17358 nats, where the gold log-likelihood fell 0.75
+    by_hand = (-math.log1p(math.exp(-0.5)) - math.log1p(math.exp(-1)) + math.log1p(math.exp(-1))
+               + math.log1p(math.exp(-2))) / 2
+    assert by_hand == pytest.approx(-0.17358, abs=1e-5)
+    assert self_["tasks"]["csqa"]["gold_choice_vs_untuned"]["difference"] == pytest.approx(by_hand)
+    assert "| self | +0.0 [+0.0, +0.0] p=1 |" in report.split("csqa accuracy |")[1]  # both still right
+    assert "| self | -0.750 [" in report.split("csqa gold log-likelihood |")[1]
+    assert "| self | -0.174 [" in report.split("csqa gold among options |")[1]
     assert self_["ppl_ci"] == [2.0, 2.0] and cmp_["untuned"]["gsm8k"] == {"accuracy": 0.25, "n": 4}
     assert cmp_["correlation"]["n"] == 2 and cmp_["correlation"]["r"] == pytest.approx(-1.0)
     assert "| self | 2.000 [2.000, 2.000] | 2.000 -> 1.500 (-25.0%) | 1.000 [0.000, 1.000] | +50.0 [" in report
