@@ -598,11 +598,20 @@ def compare_runs(run_paths: Sequence[str]) -> dict:
     ppls = [e["ppl_mean"] for e in with_change]
     changes = [e["tasks"][in_domain]["vs_untuned"]["difference"] for e in with_change]
     corr = {**stats.permutation_test(ppls, changes), "spearman": spearman(ppls, changes)}
+    # the paper's second claim: more familiar data, less forgetting. Forgetting of a source: its
+    # mean change of log p(gold among the options) over the other tasks (those it was tested on)
+    forgetting = [(e["ppl_mean"], [c["difference"] for t, cell in e["tasks"].items() if t != in_domain
+                                   for c in [cell.get("gold_choice_vs_untuned")] if c]) for e in sources_out]
+    forgetting = [(ppl, sum(d) / len(d)) for ppl, d in forgetting if d]
+    corr_forgetting = ({**stats.permutation_test([f[0] for f in forgetting], [f[1] for f in forgetting]),
+                        "spearman": spearman([f[0] for f in forgetting], [f[1] for f in forgetting])}
+                       if len(forgetting) >= 3 else None)
     untuned = {t: {"accuracy": sum(x["correct"] for x in base[t].values()) / len(base[t]), "n": len(base[t]),
                    **({"top_pick": top_pick(base[t])} if top_pick(base[t]) else {})}
                for t in task_names if base[t]}
     return {"model": runs[0]["model"], "task": in_domain, "tasks": task_names, "runs": [str(p) for p in run_paths],
-            "base_dir": base_dir, "untuned": untuned, "sources": sources_out, "correlation": corr}
+            "base_dir": base_dir, "untuned": untuned, "sources": sources_out, "correlation": corr,
+            "correlation_forgetting": corr_forgetting}
 
 
 def path_label(path: str) -> str:
@@ -702,6 +711,12 @@ def write_report(run_paths: Sequence[str], out_dir: str | None = None) -> Path:
                   f"data, more learning."]
     if c["n"] < 5:
         lines.append(f"Warning: {c['n']} points; a correlation over fewer than five sources says next to nothing.")
+    f = cmp_.get("correlation_forgetting")
+    if f:
+        lines += ["", f"Correlation across sources between untuned perplexity and the change of log p(gold among "
+                      f"the options), averaged over the other tasks: Pearson r = {f['r']:.3f} (permutation p = "
+                      f"{f['p']:.3g}), Spearman rho = {f['spearman']:.3f}, n = {f['n']} sources. The paper predicts "
+                      f"a negative value here too: more familiar data, less forgetting (a change nearer zero)."]
     if flagged:
         lines += ["", f"[!] Not a result: {', '.join(flagged)}: the validation loss on the source's own answers did "
                       f"not fall clearly (or could not be measured), so the tuned model is close to the untuned one."]

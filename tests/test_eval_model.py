@@ -257,3 +257,9 @@ def test_report_names_file_sources_by_file_name_and_counts_answers_left_out(tmp_
     assert "| untuned | A 50% (50%) |" in report and "| human | A 50% (50%) |" in report
     assert "| file:openai_gpt4_data.json | A 100% (50%) |" in report
     assert cmp_["sources"][1]["tasks"]["csqa"]["top_pick"] == {"option": "A", "share": 1.0, "gold_share": 0.5, "n": 2}
+    # forgetting against familiarity, by hand: (perplexity, mean change of log p(gold among options))
+    # human (4, 0), GPT-4 (3, -2/2: its second answer moved from B to A, -(2 + log(1 + e^-2)) +
+    # log(1 + e^-2) = -2), familiar (2.5, 0): Pearson r = 0.16667 / sqrt(1.16667 * 0.66667)
+    f = cmp_["correlation_forgetting"]
+    assert f["n"] == 3 and f["r"] == pytest.approx(0.16667 / math.sqrt(1.16667 * 0.66667), abs=1e-4)
+    assert "less forgetting (a change nearer zero)" in report
