@@ -730,8 +730,11 @@ def write_report(run_paths: Sequence[str], out_dir: str | None = None) -> Path:
 
 
 def plot_ppl_vs_accuracy(cmp_: dict, path: Path) -> Path | None:
-    """Untuned perplexity (x, bootstrap interval) against the in-domain accuracy change from the
-    untuned model (y, paired interval), one point per source."""
+    """The paper's two claims, one point per source (each its own marker, named in the legend):
+    untuned perplexity (x, bootstrap interval) against the in-domain accuracy change from the
+    untuned model (left, paired interval) and, where other tasks were tested, against the mean
+    change of log p(gold among the options) over them (right: forgetting; no y interval, as the
+    mean of several tasks' changes has none of its own: each task's is in the report's table)."""
     try:  # optional (requirements.txt names it for this plot only): without it the report has no plot
         import matplotlib
         matplotlib.use("Agg")
@@ -742,27 +745,33 @@ def plot_ppl_vs_accuracy(cmp_: dict, path: Path) -> Path | None:
     points = [e for e in cmp_["sources"] if (e["tasks"].get(task) or {}).get("vs_untuned")]
     if not points:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    xs = [e["ppl_mean"] for e in points]
-    ys = [100 * e["tasks"][task]["vs_untuned"]["difference"] for e in points]
-    xerr = [[x - (e["ppl_ci"] or [x, x])[0] for x, e in zip(xs, points)],
-            [(e["ppl_ci"] or [x, x])[1] - x for x, e in zip(xs, points)]]
-    yerr = [[y - 100 * e["tasks"][task]["vs_untuned"]["ci_low"] for y, e in zip(ys, points)],
-            [100 * e["tasks"][task]["vs_untuned"]["ci_high"] - y for y, e in zip(ys, points)]]
-    ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="o", capsize=3)
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.margins(x=0.3, y=0.15)  # room for the labels inside the axes
-    # labels of neighbouring points (in perplexity order) alternate above and below;
-    # teacher:<model>-style names break after the colon
-    by_x = sorted(range(len(points)), key=lambda i: xs[i])
-    for rank, i in enumerate(by_x):
-        ax.annotate(points[i]["label"].replace(":", ":\n", 1), (xs[i], ys[i]), textcoords="offset points",
-                    xytext=(4, 4 if rank % 2 == 0 else -16), fontsize=8, va="bottom" if rank % 2 == 0 else "top")
-    ax.set_xlabel("untuned perplexity of the training answers (mean, 95% CI)")
-    ax.set_ylabel(f"{task} accuracy change vs untuned (points)")
-    c = cmp_["correlation"]
-    ax.set_title(f"r = {c['r']:.2f} (permutation p = {c['p']:.2g}, n = {c['n']})")
-    fig.tight_layout()
+
+    def forgetting(e):  # the mean change over the other tasks, as (value, value, value): no interval
+        cells = [c for t, cell in e["tasks"].items() if t != task for c in [cell.get("gold_choice_vs_untuned")] if c]
+        return [sum(c["difference"] for c in cells) / len(cells)] * 3 if cells else None
+
+    panels = [(f"{task} accuracy change vs untuned (points)", cmp_["correlation"],
+               lambda e: [100 * e["tasks"][task]["vs_untuned"][k] for k in ("difference", "ci_low", "ci_high")])]
+    if cmp_.get("correlation_forgetting"):
+        panels.append(("forgetting: gold among options (nats)", cmp_["correlation_forgetting"],
+                       forgetting))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), dpi=120, squeeze=False)
+    markers = "osD^vP*Xh<>p"
+    for ax, (ylabel, corr, value) in zip(axes[0], panels):
+        for k, e in enumerate(points):
+            y = value(e)
+            if y is None:
+                continue
+            x, (lo, hi) = e["ppl_mean"], e["ppl_ci"] or [e["ppl_mean"]] * 2
+            ax.errorbar([x], [y[0]], xerr=[[x - lo], [hi - x]], yerr=[[y[0] - y[1]], [y[2] - y[0]]],
+                        fmt=markers[k % len(markers)], capsize=3, label=e["label"], color=f"C{k % 10}")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("untuned perplexity of the training answers (mean, 95% CI)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"r = {corr['r']:.2f} (permutation p = {corr['p']:.2g}, n = {corr['n']})", fontsize=10)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * math.ceil(len(labels) / 3), 1, 1))
     write_atomic(path, lambda f: fig.savefig(f, format="png"), binary=True)
     plt.close(fig)
     return path
