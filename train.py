@@ -54,7 +54,8 @@ import tasks
 from data import Batch, collate, length_buckets, render
 from devices import best_device, release_freed_memory, usable_device
 from eval import evaluate_task
-from fileio import DefaultsHelpFormatter, check_at_least_one, check_output_folder, progress_bar, write_json_atomic
+from fileio import (DefaultsHelpFormatter, check_at_least_one, check_output_folder, exclusive_lock, progress_bar,
+                    write_json_atomic)
 from lora import LoRAConfig, count_parameters, inject_lora, load_adapter, target_module_names, update_ratios
 from model import ModelConfig, ModelLoadError, Transformer
 from nll import example_nlls, response_nll
@@ -433,6 +434,15 @@ def evaluate_base(args, ctx: Context) -> tuple[dict, str]:
     where = str(Path(ctx.model_folder).resolve())
     slug = f"{Path(where).name}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
     folder = Path(args.runs_dir) / f"base-{slug}-n{args.n_test}-tok{args.max_new_tokens}-{args.dtype}"
+    # two runs that start together (study.py --jobs 2) need the same baseline: the second waits
+    # for the first and then reads its scores, instead of computing them again beside it
+    with exclusive_lock(folder.with_name(folder.name + ".lock"), f"the untuned model's scores in {folder}",
+                        wait=True):
+        return scored_base(args, ctx, folder, where)
+
+
+def scored_base(args, ctx: Context, folder: Path, where: str) -> tuple[dict, str]:
+    """evaluate_base's work, under its lock: read the cached scores, compute the missing tasks."""
     path = folder / "results.json"
     done = {}
     if path.exists():

@@ -470,6 +470,31 @@ def test_base_scores_are_not_shared_by_models_in_folders_of_the_same_name(tiny_d
         train.evaluate_base(args, train.Context(tmp_path / "a" / "m", None, 0, 1, "cpu"))
 
 
+def test_two_runs_starting_together_score_the_untuned_model_once(tiny_dir, tmp_path, monkeypatch):
+    """study.py --jobs 2 starts two runs at once: the second waits on the baseline's lock, then
+    reads the first one's scores (each task scored once in all, both get the same scores)."""
+    import threading
+    import time
+    scored = []
+
+    def slow_score(model, args, ctx, tasks_, folder, label):
+        scored.extend(tasks_)
+        time.sleep(0.3)  # long enough for the other thread to arrive while this one holds the lock
+        return {t: {"accuracy": 0.5} for t in tasks_}
+    monkeypatch.setattr(train, "score_tasks", slow_score)
+    monkeypatch.setattr(Transformer, "from_pretrained", classmethod(lambda cls, *a, **k: torch.nn.Module()))  # never run
+    args = train.parse_args(base_args(tiny_dir, tmp_path) + ["--eval-tasks", "gsm8k", "csqa"])
+    ctx = train.Context(tiny_dir, None, 0, 1, "cpu")
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(train.evaluate_base(args, ctx)[0])) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(scored) == ["csqa", "gsm8k"]
+    assert got[0] == got[1] == {"gsm8k": {"accuracy": 0.5}, "csqa": {"accuracy": 0.5}}
+
+
 @pytest.mark.parametrize("flags,needle", [
     (["--batch-size", "0"], "--batch-size must be at least 1"), (["--n-test", "-1"], "--n-test must be at least 1"),
     (["--warmup-ratio", "nan"], "--warmup-ratio must be between 0 and 1"), (["--lr", "inf"], "--lr must be a number > 0 and below 3e37"),
