@@ -517,9 +517,11 @@ def paired_accuracy(a: dict, b: dict) -> dict | None:
 
 def gold_choice_logprob(record: dict) -> float | None:
     """Multiple choice: log p(gold | the reply is one of the options), the gold option's
-    log-likelihood minus the log-sum-exp over all options (None otherwise). Fine-tuning on long
-    worked answers makes every one-letter reply less likely; this measure ignores that shift of
-    format and keeps what moved between the options: what the model knows."""
+    log-likelihood minus the log-sum-exp over all options (None otherwise). Each option is scored
+    as the whole reply (its text: 'yes', a sentence); fine-tuning on long worked answers makes
+    every such bare reply less likely. This measure leaves out a shift shared by all options and
+    keeps what moved between them (a shift that grows with an option's length, where options
+    differ in length as in PIQA, stays in)."""
     if "logprobs" not in record or record.get("gold") is None:
         return None
     top = max(record["logprobs"])
@@ -561,7 +563,7 @@ def compare_runs(run_paths: Sequence[str]) -> dict:
                  "n_train": r.get("train_examples"),
                  # where the training answers came from: self's own vs the ground-truth fallback,
                  # familiar's winning source per question ("chose:<source>"), ...
-                 "counts_by_path": manifest.get("counts_by_path"),
+                 "counts_by_path": manifest.get("counts_by_path"), "kept": manifest.get("kept"),
                  "ppl_mean": ppl["mean_ppl"], "ppl_pooled": ppl["pooled_ppl"],
                  "ppl_ci": list(stats.bootstrap_mean_ci([e["ppl"] for e in per])[1:]) if per else None,
                  "validation_loss": r.get("validation_loss"), "lora_update": r.get("lora_update"), "tasks": {}}
@@ -599,13 +601,17 @@ def compare_runs(run_paths: Sequence[str]) -> dict:
     changes = [e["tasks"][in_domain]["vs_untuned"]["difference"] for e in with_change]
     corr = {**stats.permutation_test(ppls, changes), "spearman": spearman(ppls, changes)}
     # the paper's second claim: more familiar data, less forgetting. Forgetting of a source: its
-    # mean change of log p(gold among the options) over the other tasks (those it was tested on)
-    forgetting = [(e["ppl_mean"], [c["difference"] for t, cell in e["tasks"].items() if t != in_domain
-                                   for c in [cell.get("gold_choice_vs_untuned")] if c]) for e in sources_out]
-    forgetting = [(ppl, sum(d) / len(d)) for ppl, d in forgetting if d]
-    corr_forgetting = ({**stats.permutation_test([f[0] for f in forgetting], [f[1] for f in forgetting]),
-                        "spearman": spearman([f[0] for f in forgetting], [f[1] for f in forgetting])}
-                       if len(forgetting) >= 3 else None)
+    # mean change of log p(gold among the options) over the multiple-choice tasks that every
+    # source has that change for (so that each point averages the same tasks)
+    choice = [t for t in task_names[1:] if all((e["tasks"].get(t) or {}).get("gold_choice_vs_untuned")
+                                               for e in sources_out)]
+    for e in sources_out:
+        e["forgetting"] = (sum(e["tasks"][t]["gold_choice_vs_untuned"]["difference"] for t in choice) / len(choice)
+                           if choice else None)
+    corr_forgetting = None
+    if choice and len(sources_out) >= 3:
+        xs, ys = [e["ppl_mean"] for e in sources_out], [e["forgetting"] for e in sources_out]
+        corr_forgetting = {**stats.permutation_test(xs, ys), "spearman": spearman(xs, ys), "tasks": choice}
     untuned = {t: {"accuracy": sum(x["correct"] for x in base[t].values()) / len(base[t]), "n": len(base[t]),
                    **({"top_pick": top_pick(base[t])} if top_pick(base[t]) else {})}
                for t in task_names if base[t]}
@@ -664,26 +670,29 @@ def write_report(run_paths: Sequence[str], out_dir: str | None = None) -> Path:
             b = e["vs_best_single"]
             lines += ["", f"{e['label']} against the best single source on {in_domain} ({b['label']}), paired: "
                           f"{_ci(b, pct=True)} points."]
+    choice_tasks = [t for t in others if any("top_pick" in e["tasks"].get(t, {}) for e in cmp_["sources"])]
     if others:
         lines += ["", "Forgetting, against the untuned model on the other tasks, paired per question: the accuracy "
-                      "change (points); the change of the gold option's log-likelihood as the reply (nats); and the "
-                      "change of the gold option's log-probability among the options (log p(gold given that the "
-                      "reply is an option), nats), which leaves out a shift of every option at once (after "
-                      "training on long worked answers a one-letter reply is less likely whatever the letter) and "
-                      "keeps what moved between the options."]
-        for title, key, pct in (("accuracy", "vs_untuned", True),
-                                ("gold log-likelihood", "gold_loglik_vs_untuned", False),
-                                ("gold among options", "gold_choice_vs_untuned", False)):
-            lines += ["", "| source | " + " | ".join(f"{t} {title}" for t in others) + " |",
-                      "|" + "---|" * (len(others) + 1)]
+                      "change (points); for multiple choice, the change of the gold option's log-likelihood as the "
+                      "whole reply (nats), and of its log-probability among the options (log p(gold given that "
+                      "the reply is one of the options), nats). After training on long worked answers every bare "
+                      "option (a 'yes', a short sentence) is a less likely reply; the last measure leaves out such "
+                      "a shift shared by all options and keeps what moved between them."]
+        for title, key, pct, columns in (("accuracy", "vs_untuned", True, others),
+                                         ("gold log-likelihood", "gold_loglik_vs_untuned", False, choice_tasks),
+                                         ("gold among options", "gold_choice_vs_untuned", False, choice_tasks)):
+            if not columns:
+                continue
+            lines += ["", "| source | " + " | ".join(f"{t} {title}" for t in columns) + " |",
+                      "|" + "---|" * (len(columns) + 1)]
             for e in cmp_["sources"]:
                 lines.append(f"| {e['label']} | " + " | ".join(_ci(e["tasks"].get(t, {}).get(key), pct=pct)
-                                                              for t in others) + " |")
-    choice_tasks = [t for t in others if any("top_pick" in e["tasks"].get(t, {}) for e in cmp_["sources"])]
+                                                              for t in columns) + " |")
     if choice_tasks:
         lines += ["", "Option bias: each model's most-picked option per multiple-choice task, the share of "
-                      "questions it picked it for, and (in brackets) how often that option is the gold answer. A "
-                      "model that picks one option nearly always scores about the bracketed share whatever it "
+                      "questions it picked it for, and (in brackets) how often that option is the gold answer "
+                      "(a letter is the option's place in the task's list: BoolQ's A is 'yes'). A model that "
+                      "picks one option nearly always scores about the bracketed share whatever it "
                       "knows, so its accuracy change there says more about a shifted preference than about "
                       "forgetting: read the gold-among-options change above.", "",
                   "| model | " + " | ".join(choice_tasks) + " |", "|" + "---|" * (len(choice_tasks) + 1)]
@@ -699,8 +708,8 @@ def write_report(run_paths: Sequence[str], out_dir: str | None = None) -> Path:
         counts = e["counts_by_path"] or {}
         paths = ", ".join(f"{path_label(k)} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
         # train.py drops an answer longer than --max-seq-len after the set is built: say so, or the
-        # counts (the set) and the examples (what was trained on) disagree without a reason
-        left_out = sum(counts.values()) - e["n_train"] if counts and e["n_train"] is not None else 0
+        # set's count and the examples trained on disagree without a reason
+        left_out = e["kept"] - e["n_train"] if e.get("kept") is not None and e["n_train"] is not None else 0
         if left_out > 0:
             paths += f"; {left_out} not trained on: longer than --max-seq-len"
         lines.append(f"- {e['label']}: {e['n_train']} examples" + (f" ({paths})" if paths else ""))
@@ -713,16 +722,20 @@ def write_report(run_paths: Sequence[str], out_dir: str | None = None) -> Path:
         lines.append(f"Warning: {c['n']} points; a correlation over fewer than five sources says next to nothing.")
     f = cmp_.get("correlation_forgetting")
     if f:
-        lines += ["", f"Correlation across sources between untuned perplexity and the change of log p(gold among "
-                      f"the options), averaged over the other tasks: Pearson r = {f['r']:.3f} (permutation p = "
+        lines += ["", f"Correlation across sources between untuned perplexity and forgetting, the change of log "
+                      f"p(gold among the options) averaged over {', '.join(f['tasks'])}: Pearson r = {f['r']:.3f} "
+                      f"(permutation p = "
                       f"{f['p']:.3g}), Spearman rho = {f['spearman']:.3f}, n = {f['n']} sources. The paper predicts "
                       f"a negative value here too: more familiar data, less forgetting (a change nearer zero)."]
     if flagged:
         lines += ["", f"[!] Not a result: {', '.join(flagged)}: the validation loss on the source's own answers did "
                       f"not fall clearly (or could not be measured), so the tuned model is close to the untuned one."]
-    png = plot_ppl_vs_accuracy(cmp_, out / "perplexity_vs_accuracy.png")
-    lines += ["", f"![perplexity vs accuracy change]({png.name})" if png else
-              "(no plot: matplotlib is not installed; `pip install matplotlib`)"]
+    if not any((e["tasks"].get(in_domain) or {}).get("vs_untuned") for e in cmp_["sources"]):
+        lines += ["", "(no plot: no source has a paired change against the untuned model)"]
+    else:
+        png = plot_ppl_vs_accuracy(cmp_, out / "perplexity_vs_accuracy.png")
+        lines += ["", f"![perplexity vs accuracy change]({png.name})" if png else
+                  "(no plot: matplotlib is not installed; `pip install matplotlib`)"]
     write_json_atomic(out / "report.json", cmp_)
     report = out / "report.md"
     write_text_atomic(report, "\n".join(lines) + "\n")
@@ -742,23 +755,19 @@ def plot_ppl_vs_accuracy(cmp_: dict, path: Path) -> Path | None:
     except ImportError:
         return None
     task = cmp_["task"]
-    points = [e for e in cmp_["sources"] if (e["tasks"].get(task) or {}).get("vs_untuned")]
-    if not points:
-        return None
 
-    def forgetting(e):  # the mean change over the other tasks, as (value, value, value): no interval
-        cells = [c for t, cell in e["tasks"].items() if t != task for c in [cell.get("gold_choice_vs_untuned")] if c]
-        return [sum(c["difference"] for c in cells) / len(cells)] * 3 if cells else None
+    def gain(e):  # (value, interval low, interval high) in points, or None
+        c = (e["tasks"].get(task) or {}).get("vs_untuned")
+        return [100 * c[k] for k in ("difference", "ci_low", "ci_high")] if c else None
 
-    panels = [(f"{task} accuracy change vs untuned (points)", cmp_["correlation"],
-               lambda e: [100 * e["tasks"][task]["vs_untuned"][k] for k in ("difference", "ci_low", "ci_high")])]
+    panels = [(f"{task} accuracy change vs untuned (points)", cmp_["correlation"], gain)]
     if cmp_.get("correlation_forgetting"):
         panels.append(("forgetting: gold among options (nats)", cmp_["correlation_forgetting"],
-                       forgetting))
+                       lambda e: [e["forgetting"]] * 3 if e.get("forgetting") is not None else None))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), dpi=120, squeeze=False)
     markers = "osD^vP*Xh<>p"
     for ax, (ylabel, corr, value) in zip(axes[0], panels):
-        for k, e in enumerate(points):
+        for k, e in enumerate(cmp_["sources"]):  # the same marker and colour for a source in both panels
             y = value(e)
             if y is None:
                 continue
@@ -769,7 +778,11 @@ def plot_ppl_vs_accuracy(cmp_: dict, path: Path) -> Path | None:
         ax.set_xlabel("untuned perplexity of the training answers (mean, 95% CI)")
         ax.set_ylabel(ylabel)
         ax.set_title(f"r = {corr['r']:.2f} (permutation p = {corr['p']:.2g}, n = {corr['n']})", fontsize=10)
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    legend = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    handles, labels = list(legend.values()), list(legend)
     fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.06 * math.ceil(len(labels) / 3), 1, 1))
     write_atomic(path, lambda f: fig.savefig(f, format="png"), binary=True)

@@ -111,37 +111,59 @@ def run_stages(todo: list[str], study: dict, paper_data: Path, work: Path, extra
                state: dict, state_path: Path) -> list[str]:
     """Train the `todo` sources, up to `jobs` train.py processes at a time, in the study's order;
     each finished stage goes into the study's state at once. After a failure no new stage
-    starts, the running ones finish (each is resumable anyway). Returns the failures."""
+    starts, the running ones finish (each is resumable anyway). Returns the failures. Stopped
+    itself (Ctrl-C, kill -INT, an error here), it first stops its train.py processes, so none
+    is left running on its own, holding its run folder's lock against the next attempt."""
     waiting, running, failed = list(todo), {}, []  # running: source -> (process, log file, command, start)
-    while waiting or running:
-        while waiting and len(running) < jobs and not failed:
-            source = waiting.pop(0)
-            cmd = train_command(study, source, paper_data, work, extra)
-            log_path = work / "logs" / f"{run_name(source)}.log"
-            print(f"[study] train {source}: {shlex.join(cmd)}  (log: {log_path})", flush=True)
-            log = open(log_path, "a")
-            running[source] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), log, cmd,
-                               time.time())
-        if failed and not running:
-            break
-        time.sleep(1)
-        for source, (proc, log, cmd, t0) in list(running.items()):
-            code = proc.poll()
-            if code is None:
-                continue
-            log.close()
-            del running[source]
-            if code != 0:
-                failed.append(f"train {source} failed (exit {code})")
-                print(f"[study] train {source}: failed (exit {code}); " +
-                      (f"waiting for {', '.join(running)} to finish" if running else "stopping"), flush=True)
-                continue
-            print(f"[study] train {source}: finished in {time.time() - t0:.0f} s", flush=True)
-            state["stages"][f"train {source}"] = {
-                "command": shlex.join(cmd), "seconds": round(time.time() - t0, 1), "commit": git_commit(),
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "jobs": jobs}
-            write_json_atomic(state_path, state)
+    try:
+        while waiting or running:
+            while waiting and len(running) < jobs and not failed:
+                source = waiting.pop(0)
+                cmd = train_command(study, source, paper_data, work, extra)
+                log_path = work / "logs" / f"{run_name(source)}.log"
+                print(f"[study] train {source}: {shlex.join(cmd)}  (log: {log_path})", flush=True)
+                with open(log_path, "a") as log:  # the child keeps its own copy of the descriptor
+                    running[source] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), cmd,
+                                       time.time())
+            if failed and not running:
+                break
+            time.sleep(1)
+            for source, (proc, cmd, t0) in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                del running[source]
+                if code != 0:
+                    failed.append(f"train {source} failed (exit {code})")
+                    print(f"[study] train {source}: failed (exit {code}); " +
+                          (f"waiting for {', '.join(running)} to finish" if running else "stopping"), flush=True)
+                    continue
+                print(f"[study] train {source}: finished in {time.time() - t0:.0f} s", flush=True)
+                state["stages"][f"train {source}"] = {
+                    "command": shlex.join(cmd), "seconds": round(time.time() - t0, 1), "commit": git_commit(),
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "jobs": jobs}
+                write_json_atomic(state_path, state)
+    except BaseException:
+        stop_processes(running)
+        raise
     return failed
+
+
+def stop_processes(running: dict) -> None:
+    """Stop each running train.py (SIGTERM: it works where a background start made the process
+    ignore Ctrl-C's SIGINT; the run keeps its finished epochs either way), wait for it to exit
+    (30 s), kill it if it does not, and say so."""
+    for source, (proc, _, _) in running.items():
+        if proc.poll() is None:
+            proc.terminate()
+    for source, (proc, _, _) in running.items():
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        print(f"[study] train {source}: stopped (process {proc.pid}); it continues from its last finished epoch "
+              f"when the study runs again", flush=True)
 
 
 def run_study(name: str, paper_data: Path, work: Path, out: Path, extra: list[str], jobs: int = 1) -> None:

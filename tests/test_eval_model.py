@@ -241,16 +241,18 @@ def test_report_names_file_sources_by_file_name_and_counts_answers_left_out(tmp_
             fake_run(tmp_path / "g", gpt, [3.0, 3.0], [True, True, True, False], [[-1.0, -2.0], [-1.0, -3.0]], base),
             fake_run(tmp_path / "f", f"familiar:human,{gpt}", [2.0, 3.0], [True, True, False, False], mc, base)]
     cfg = tmp_path / "g" / "config.json"
-    cfg.write_text(json.dumps({"manifest": {"counts_by_path": {"file": 3}}}))
+    cfg.write_text(json.dumps({"manifest": {"counts_by_path": {"file": 3}, "kept": 3}}))
     cfg = tmp_path / "f" / "config.json"
-    cfg.write_text(json.dumps({"manifest": {"counts_by_path": {f"chose:{gpt}": 1, "chose:human": 1}}}))
+    # 3 questions, one without any correct candidate ("dropped"): 2 kept, 2 trained on, nothing too long
+    cfg.write_text(json.dumps({"manifest": {"counts_by_path": {f"chose:{gpt}": 1, "chose:human": 1, "dropped": 1},
+                                            "kept": 2}}))
     report = ev.write_report(runs, str(tmp_path / "out")).read_text()
     cmp_ = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [e["source"] for e in cmp_["sources"]] == ["human", gpt, f"familiar:human,{gpt}"]
     assert "| file:openai_gpt4_data.json | 3.000 [" in report and "/clone/" not in report
     assert "- file:openai_gpt4_data.json: 2 examples (file 3; 1 not trained on: longer than --max-seq-len)" in report
     assert "- familiar:human,file:openai_gpt4_data.json: 2 examples (chose:file:openai_gpt4_data.json 1, " \
-           "chose:human 1)" in report
+           "chose:human 1, dropped 1)" in report
     assert "(file:openai_gpt4_data.json), paired: " in report
     # option bias, by hand: untuned and human pick A then B (A: half the picks, half the golds);
     # the GPT-4 run picks A for both questions (100%), and A is gold for one of the two (50%)
@@ -262,4 +264,5 @@ def test_report_names_file_sources_by_file_name_and_counts_answers_left_out(tmp_
     # log(1 + e^-2) = -2), familiar (2.5, 0): Pearson r = 0.16667 / sqrt(1.16667 * 0.66667)
     f = cmp_["correlation_forgetting"]
     assert f["n"] == 3 and f["r"] == pytest.approx(0.16667 / math.sqrt(1.16667 * 0.66667), abs=1e-4)
+    assert f["tasks"] == ["csqa"] and "averaged over csqa: Pearson r = 0.189" in report
     assert "less forgetting (a change nearer zero)" in report
