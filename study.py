@@ -3,6 +3,7 @@ tested, compared and exported (issue 18 sections 5-8; the paper's section 3 expe
 
     python study.py run study1 --paper-data PATH/TO/I-Learn-Better-If-You-Speak-My-Language/dataset/GSM8K
     python study.py status study1
+    python study.py export study1      # the report of the sources finished so far
 
 Stages, in order, each skipped when its result is on disk, so the command can be stopped at any
 point (Ctrl-C, a killed session) and run again to continue where it was:
@@ -189,20 +190,37 @@ def run_study(name: str, paper_data: Path, work: Path, out: Path, extra: list[st
     if failed:
         raise RuntimeError(f"{'; '.join(failed)}: see the log(s) in {work / 'logs'}, fix it, and run the same "
                            f"command again to continue (finished stages are kept)")
+    export_study(name, run_dirs, out, state, state_path)
+
+
+def export_study(name: str, run_dirs: dict[str, Path], out: Path, state: dict, state_path: Path) -> None:
+    """Stages 2 and 3: the report and the export of every source whose run has finished. With
+    some still to run (`python study.py export` while the study goes on) the export says which
+    are missing, in results.json and on screen; the full run exports all of them again."""
+    done = {s: d for s, d in run_dirs.items() if (d / "results.json").exists()}
+    missing = [s for s in run_dirs if s not in done]
+    if not done:
+        raise ValueError("no source of this study has finished yet: nothing to export")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    write_report([str(d) for d in run_dirs.values()], str(out))
-    n_answers = export_answers(run_dirs, out)
-    for source, run_dir in run_dirs.items():
+    write_report([str(d) for d in done.values()], str(out))
+    n_answers = export_answers(done, out)
+    for source, run_dir in done.items():
         shutil.copytree(run_dir / "adapter", out / "adapters" / run_name(source), dirs_exist_ok=True)
-    state["stages"]["report and export"] = {"seconds": round(time.time() - t0, 1), "commit": git_commit()}
+    stage = "report and export" + (" (partial)" if missing else "")
+    state["stages"][stage] = {"seconds": round(time.time() - t0, 1), "commit": git_commit(),
+                              "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if not missing:
+        state["stages"].pop("report and export (partial)", None)
     write_json_atomic(state_path, state)
-    per_run = {s: json.loads((d / "results.json").read_text()) for s, d in run_dirs.items()}
+    per_run = {s: json.loads((d / "results.json").read_text()) for s, d in done.items()}
     write_json_atomic(out / "results.json", {
-        **state, "answers_rows": n_answers,
+        **state, "answers_rows": n_answers, "missing": missing,
         "n": {s: {"train": r["train_examples"], "validation": (r.get("validation_loss") or {}).get("n"),
                   "test": {t: v["n"] for t, v in r["test"].items()}} for s, r in per_run.items()}})
-    print(f"[study] {name}: report in {out / 'report.md'}", flush=True)
+    print(f"[study] {name}: report in {out / 'report.md'}" +
+          (f" ({len(done)} of {len(run_dirs)} sources; still to run: {', '.join(missing)})" if missing else ""),
+          flush=True)
 
 
 def status(name: str, work: Path) -> None:
@@ -222,7 +240,9 @@ def status(name: str, work: Path) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Run a whole study, resumably (run it again to continue).",
                                  formatter_class=DefaultsHelpFormatter)
-    ap.add_argument("cmd", choices=["run", "status"], help="run (or continue) the study, or show where it stands")
+    ap.add_argument("cmd", choices=["run", "status", "export"],
+                    help="run (or continue) the study; show where it stands; or export the report of the sources "
+                         "finished so far (while the study goes on)")
     ap.add_argument("study", choices=sorted(STUDIES), help="which study")
     ap.add_argument("--paper-data", default=None,
                     help="the dataset/GSM8K folder of a clone of the paper's repository (default: none; run needs "
@@ -240,6 +260,11 @@ def main(argv=None) -> None:
     try:
         if args.cmd == "status":
             return status(args.study, work)
+        if args.cmd == "export":
+            state_path = work.resolve() / "study.json"
+            state = json.loads(state_path.read_text()) if state_path.exists() else {"stages": {}}
+            run_dirs = {source: work.resolve() / "runs" / run_name(source) for source in STUDIES[args.study]["sources"]}
+            return export_study(args.study, run_dirs, out.resolve(), state, state_path)
         if not args.paper_data:
             raise ValueError("run needs --paper-data (the dataset/GSM8K folder of the paper's repository)")
         if args.jobs < 1:

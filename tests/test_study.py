@@ -46,6 +46,18 @@ def test_a_tiny_study_runs_exports_and_resumes(tiny_model_dir, paper_dir, tmp_pa
     study.main(argv)  # everything done: nothing is trained again
     assert (work / "runs" / "human" / "results.json").read_bytes() == first
     assert json.loads((work / "study.json").read_text())["stages"]["train human"] == state["stages"]["train human"]
+    # export while a source is still to run: the finished ones only, and which are missing
+    finished = work / "runs" / "paper-gpt4" / "results.json"
+    finished.rename(finished.with_name("results.json.away"))
+    partial = tmp_path / "partial"
+    study.main(["export", "tiny", "--work", str(work), "--out", str(partial)])
+    assert json.loads((partial / "results.json").read_text())["missing"] == ["paper:gpt4"]
+    assert "openai_gpt4" not in (partial / "report.md").read_text() and not (partial / "adapters" / "paper-gpt4").exists()
+    assert "report and export (partial)" in json.loads((work / "study.json").read_text())["stages"]
+    finished.with_name("results.json.away").rename(finished)
+    study.main(["export", "tiny", "--work", str(work), "--out", str(partial)])
+    assert json.loads((partial / "results.json").read_text())["missing"] == []
+    assert "report and export (partial)" not in json.loads((work / "study.json").read_text())["stages"]
 
 
 def test_a_folder_without_the_paper_files_is_one_line(tmp_path):
