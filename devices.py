@@ -54,12 +54,12 @@ def release_freed_memory() -> bool:
     Why: a CPU training step allocates and frees gigabytes of activations, most of them in pieces
     under glibc's mmap threshold (128 KB at first, raised with each larger piece freed, up to 32
     MB), so they come from the heap, and glibc keeps a freed heap for the next allocation instead
-    of returning it. With lengths that change from batch to batch
-    the heap fragments and grows: a 135M-model LoRA run's resident memory climbed to ~11 GB in
-    training and stayed there through generation and scoring, two such runs filled this 24 GB
-    machine and the kernel killed one (docs/performance.md, "Host memory"). Trimming once per
-    phase costs ~0.2 s; trimming after every step would make each next step ~30% slower (its
-    pages are faulted in afresh), so the steps of an epoch keep their heap.
+    of returning it. With lengths that change from batch to batch the heap fragments and grows: a
+    135M-model LoRA run's resident memory climbed to ~11 GB in training and stayed there through
+    generation and scoring, two such runs filled this 24 GB machine and the kernel killed one
+    (docs/performance.md, "Host memory"). Trimming once per phase costs ~0.2 s; trimming after
+    every step would make each next step ~30% slower (its pages are faulted in afresh), so the
+    steps of an epoch keep their heap.
     """
     if _MALLOC_TRIM is None:
         return False

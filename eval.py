@@ -574,8 +574,9 @@ def compare_runs(run_paths: Sequence[str]) -> dict:
             if t == in_domain:
                 in_domain_answers[r["run_dir"]] = mine
             cell = {k: r["test"][t][k] for k in ("accuracy", "ci_low", "ci_high", "n")}
-            if top_pick(mine):
-                cell["top_pick"] = top_pick(mine)
+            bias = top_pick(mine)
+            if bias:
+                cell["top_pick"] = bias
             if mine is not None:
                 if base[t] is not None:
                     cell["vs_untuned"] = paired_accuracy(mine, base[t])
@@ -612,9 +613,12 @@ def compare_runs(run_paths: Sequence[str]) -> dict:
     if choice and len(sources_out) >= 3:
         xs, ys = [e["ppl_mean"] for e in sources_out], [e["forgetting"] for e in sources_out]
         corr_forgetting = {**stats.permutation_test(xs, ys), "spearman": spearman(xs, ys), "tasks": choice}
-    untuned = {t: {"accuracy": sum(x["correct"] for x in base[t].values()) / len(base[t]), "n": len(base[t]),
-                   **({"top_pick": top_pick(base[t])} if top_pick(base[t]) else {})}
-               for t in task_names if base[t]}
+    untuned = {}
+    for t in task_names:
+        if base[t]:
+            bias = top_pick(base[t])
+            untuned[t] = {"accuracy": sum(x["correct"] for x in base[t].values()) / len(base[t]), "n": len(base[t]),
+                          **({"top_pick": bias} if bias else {})}
     return {"model": runs[0]["model"], "task": in_domain, "tasks": task_names, "runs": [str(p) for p in run_paths],
             "base_dir": base_dir, "untuned": untuned, "sources": sources_out, "correlation": corr,
             "correlation_forgetting": corr_forgetting}
@@ -730,7 +734,7 @@ def write_report(run_paths: Sequence[str], out_dir: str | None = None) -> Path:
     if flagged:
         lines += ["", f"[!] Not a result: {', '.join(flagged)}: the validation loss on the source's own answers did "
                       f"not fall clearly (or could not be measured), so the tuned model is close to the untuned one."]
-    if not any((e["tasks"].get(in_domain) or {}).get("vs_untuned") for e in cmp_["sources"]):
+    if c["n"] == 0:  # the correlation's points: the sources with a paired change against the untuned model
         lines += ["", "(no plot: no source has a paired change against the untuned model)"]
     else:
         png = plot_ppl_vs_accuracy(cmp_, out / "perplexity_vs_accuracy.png")

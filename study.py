@@ -108,6 +108,17 @@ def export_answers(run_dirs: dict[str, Path], out: Path) -> int:
     return len(rows)
 
 
+def load_state(work: Path) -> tuple[Path, dict]:
+    """The study's state file and what it holds so far (stage times, commands)."""
+    state_path = work / "study.json"
+    return state_path, json.loads(state_path.read_text()) if state_path.exists() else {"stages": {}}
+
+
+def study_run_dirs(name: str, work: Path) -> dict[str, Path]:
+    """Each source of the study and its run folder."""
+    return {source: work / "runs" / run_name(source) for source in STUDIES[name]["sources"]}
+
+
 def run_stages(todo: list[str], study: dict, paper_data: Path, work: Path, extra: list[str], jobs: int,
                state: dict, state_path: Path) -> list[str]:
     """Train the `todo` sources, up to `jobs` train.py processes at a time, in the study's order;
@@ -115,7 +126,7 @@ def run_stages(todo: list[str], study: dict, paper_data: Path, work: Path, extra
     starts, the running ones finish (each is resumable anyway). Returns the failures. Stopped
     itself (Ctrl-C, kill -INT, an error here), it first stops its train.py processes, so none
     is left running on its own, holding its run folder's lock against the next attempt."""
-    waiting, running, failed = list(todo), {}, []  # running: source -> (process, log file, command, start)
+    waiting, running, failed = list(todo), {}, []  # running: source -> (process, command, start time)
     try:
         while waiting or running:
             while waiting and len(running) < jobs and not failed:
@@ -176,10 +187,9 @@ def run_study(name: str, paper_data: Path, work: Path, out: Path, extra: list[st
                          f"dataset/GSM8K folder")
     work.mkdir(parents=True, exist_ok=True)
     (work / "logs").mkdir(exist_ok=True)
-    state_path = work / "study.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"stages": {}}
+    state_path, state = load_state(work)
     state.update(study=name, model=study["model"], paper_data=str(paper_data), machine=machine())
-    run_dirs = {source: work / "runs" / run_name(source) for source in study["sources"]}
+    run_dirs = study_run_dirs(name, work)
     todo = []
     for source, run_dir in run_dirs.items():
         if (run_dir / "results.json").exists():
@@ -224,9 +234,7 @@ def export_study(name: str, run_dirs: dict[str, Path], out: Path, state: dict, s
 
 
 def status(name: str, work: Path) -> None:
-    study = STUDIES[name]
-    for source in study["sources"]:
-        run_dir = work / "runs" / run_name(source)
+    for source, run_dir in study_run_dirs(name, work).items():
         if (run_dir / "results.json").exists():
             print(f"{source:24s} done")
         elif (run_dir / "checkpoint").exists():
@@ -261,10 +269,9 @@ def main(argv=None) -> None:
         if args.cmd == "status":
             return status(args.study, work)
         if args.cmd == "export":
-            state_path = work.resolve() / "study.json"
-            state = json.loads(state_path.read_text()) if state_path.exists() else {"stages": {}}
-            run_dirs = {source: work.resolve() / "runs" / run_name(source) for source in STUDIES[args.study]["sources"]}
-            return export_study(args.study, run_dirs, out.resolve(), state, state_path)
+            state_path, state = load_state(work.resolve())
+            return export_study(args.study, study_run_dirs(args.study, work.resolve()), out.resolve(), state,
+                                state_path)
         if not args.paper_data:
             raise ValueError("run needs --paper-data (the dataset/GSM8K folder of the paper's repository)")
         if args.jobs < 1:
