@@ -586,6 +586,14 @@ def compare_runs(run_paths: Sequence[str]) -> dict:
                     cell["vs_human"] = paired_accuracy(mine, human_answers[t])
             entry["tasks"][t] = cell
         sources_out.append(entry)
+    # two file sources of the same file name from different folders would share a row name: those
+    # keep their whole source, so no table or legend mixes them up
+    by_label: dict[str, set] = {}
+    for e in sources_out:
+        by_label.setdefault(e["label"], set()).add(e["source"])
+    for e in sources_out:
+        if len(by_label[e["label"]]) > 1:
+            e["label"] = e["source"]
     # a familiar:A,B,... run against the best single source on the same test questions: does choosing
     # answers by familiarity beat simply taking the best author (issue 21)?
     singles = [e for e in sources_out if not e["source"].startswith("familiar:") and in_domain in e["tasks"]]

@@ -266,3 +266,18 @@ def test_report_names_file_sources_by_file_name_and_counts_answers_left_out(tmp_
     assert f["n"] == 3 and f["r"] == pytest.approx(0.16667 / math.sqrt(1.16667 * 0.66667), abs=1e-4)
     assert f["tasks"] == ["csqa"] and "averaged over csqa: Pearson r = 0.189" in report
     assert "less forgetting (a change nearer zero)" in report
+
+
+def test_report_keeps_the_whole_path_where_two_files_share_a_name(tmp_path):
+    """Two file sources named x.json in different folders: their rows keep the whole source (a
+    third source with a unique file name is still shortened)."""
+    base = tmp_path / "base"
+    write_answers(base, "gsm8k", gsm_rows([False] * 4))
+    write_answers(base, "csqa", csqa_rows([[-1.0, -2.0], [-3.0, -1.0]]))
+    mc = [[-1.0, -2.0], [-3.0, -1.0]]
+    runs = [fake_run(tmp_path / f"r{i}", src, [3.0, 3.0], [True, False, True, False], mc, base)
+            for i, src in enumerate(["file:/a/x.json", "file:/b/x.json", "file:/c/y.json"])]
+    report = ev.write_report(runs, str(tmp_path / "out")).read_text()
+    labels = [e["label"] for e in json.loads((tmp_path / "out" / "report.json").read_text())["sources"]]
+    assert labels == ["file:/a/x.json", "file:/b/x.json", "file:y.json"]
+    assert "| file:/a/x.json | 3.000 [" in report and "| file:/b/x.json | 3.000 [" in report
