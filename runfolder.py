@@ -7,6 +7,7 @@ the folder runs/<name>/:
     metrics.jsonl     one row per optimiser step and per epoch (validation)
     checkpoint/       the last finished epoch: adapter + optimiser + loop state (for --resume)
     adapter/          the best epoch's adapter, in PEFT's format
+    eval-<task>.jsonl every test answer (--resume after a kill in the tests reads back the finished tasks)
     results.json      the test scores; written last, so its presence means "finished"
 
 The rules, each in one place here:
@@ -36,7 +37,7 @@ import torch.distributed as dist
 
 import sources
 from fileio import append_records, exclusive_lock, replacing_folder, write_json_atomic, write_jsonl_atomic
-from lora import load_adapter, save_adapter
+from lora import ADAPTER_WEIGHTS, load_adapter, save_adapter
 
 # What a resumed run must share with the run it continues (saved in its config.json), besides its
 # source and the hash of its training set (which covers the generation settings); anything else
@@ -128,6 +129,10 @@ class RunFolder:
         if best:
             save_adapter(model, self.adapter, lora_cfg, self.args.model)
         save_checkpoint(self.checkpoint, model, optimizer, scaler, state, lora_cfg, self.args.model)
+
+    def adapter_time(self) -> float:
+        """When the kept adapter was written: test answers older than it belong to another adapter."""
+        return (self.adapter / ADAPTER_WEIGHTS).stat().st_mtime
 
     def finish(self, results: dict) -> None:
         """results.json marks the run finished; a run it replaced (--overwrite) goes now."""

@@ -242,7 +242,7 @@ def test_the_best_epoch_adapter_is_kept_and_tested(tiny_dir, tmp_path, monkeypat
         per_epoch.append(load_file(Path(folder) / "adapter" / "adapter_model.safetensors"))
     monkeypatch.setattr(runfolder, "save_checkpoint", save_and_keep)
     scored = []
-    monkeypatch.setattr(train, "score_tasks", lambda model, *a: scored.append(
+    monkeypatch.setattr(train, "score_tasks", lambda model, *a, **k: scored.append(
         {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k})
         or {"gsm8k": {"accuracy": 0.5, "ci_low": 0.1, "ci_high": 0.9, "n": 2}})
     train.main(base_args(tiny_dir, tmp_path, epochs=3))
@@ -584,3 +584,41 @@ def test_a_killed_base_evaluation_keeps_the_tasks_it_finished(tiny_dir, tmp_path
         train.evaluate_base(args, ctx)
     assert train.evaluate_base(args, ctx)[0] == {"gsm8k": {"accuracy": 0.25}, "csqa": {"accuracy": 0.25}}
     assert scored == ["gsm8k", "csqa-failed", "csqa"]  # gsm8k was not scored a second time
+
+
+def test_a_run_killed_during_its_tests_keeps_the_tasks_it_finished(tiny_dir, tmp_path, monkeypatch):
+    real_evaluate = train.evaluate_task
+    scored = []
+
+    def killed_at_csqa(model, tok, task, **k):
+        scored.append(task)
+        if task == "csqa" and k["records_path"].parent.name == "r":  # the tuned run's, not the untuned model's
+            raise KeyboardInterrupt("killed")
+        return real_evaluate(model, tok, task, **k)
+
+    args = base_args(tiny_dir, tmp_path, epochs=1) + ["--eval-tasks", "gsm8k", "csqa"]
+    monkeypatch.setattr(train, "evaluate_task", killed_at_csqa)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args)
+    run = tmp_path / "runs" / "r"
+    answers = run / "eval-gsm8k.jsonl"
+    assert not (run / "results.json").exists() and answers.is_file()
+    # mark every answer correct by hand (the tiny random model solves none): the resumed run's
+    # score can only be 1.0 if it read this file back instead of answering again
+    rows = [{**json.loads(line), "correct": True} for line in answers.read_text().splitlines()]
+    answers.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scored.clear()
+    monkeypatch.setattr(train, "evaluate_task", lambda *a, **k: (scored.append(a[2]), real_evaluate(*a, **k))[1])
+    train.main(args + ["--resume"])
+    results = json.loads((run / "results.json").read_text())
+    assert scored == ["csqa"] and results["test"]["gsm8k"]["accuracy"] == 1.0
+    assert results["test"]["gsm8k"]["n"] == 2 and results["test"]["csqa"]["n"] == 2
+
+    # answers older than the kept adapter were another adapter's: scored again
+    (run / "results.json").unlink()
+    adapter_time = (run / "adapter" / "adapter_model.safetensors").stat().st_mtime
+    os.utime(answers, (adapter_time - 60, adapter_time - 60))
+    scored.clear()
+    train.main(args + ["--resume"])
+    assert scored == ["gsm8k"]  # (csqa's answers are newer than the adapter: read back)
+    assert json.loads((run / "results.json").read_text())["test"]["gsm8k"]["accuracy"] == 0.0
