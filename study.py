@@ -37,7 +37,9 @@ import torch
 
 from eval import gold_loglik, load_answers, write_report
 from fileio import DefaultsHelpFormatter, write_json_atomic, write_jsonl_atomic
+from lora import ADAPTER_WEIGHTS
 from runfolder import git_commit
+from train import eval_task_list
 
 ROOT = Path(__file__).resolve().parent
 
@@ -57,10 +59,11 @@ STUDIES = {
                    train=["--n-train", "500", "--n-val", "50", "--n-test", "500", "--epochs", "3",
                           "--lr", "3e-3", "--batch-size", "8", "--micro-batch", "8", "--dtype", "bf16",
                           "--eval-tasks", "gsm8k", "csqa", "piqa", "boolq", "mmlu"]),
-    # Study 2: a model that can do the task (~25% on GSM8K untuned). Sized on this CPU (Xeon, one
-    # thread, as study 1 runs): a training step of 8 examples ~15 s (121 tok/s), 32 GSM8K test answers
-    # ~45 s, csqa ~3 questions/s, 11.6 GB peak memory (so one run at a time on a 24 GB machine): ~85 min a
-    # source, ~7 h for the whole study with the untuned scores and the self set; two or three sessions.
+    # Study 2: a model that can do the task (~16% on GSM8K untuned here). Sized on this CPU (2 cores,
+    # one thread a process, two runs at once beside the self set's build; docs/LOG.md): the untuned
+    # model's five tests 24 min, a training step of 8 examples 23-35 s (63 an epoch), 5-7 GB peak
+    # memory a process with --grad-checkpoint (so two runs fit in 24 GB), the self set ~80 min:
+    # ~3 h a source, two at a time; ~8 h for the whole study, three sessions of 3 h.
     "study2": dict(model="qwen2.5-coder-0.5b-instruct", sources=["human", "paper:gpt4", "paper:claude", "self"],
                    train=["--n-train", "500", "--n-val", "50", "--n-test", "500", "--epochs", "3",
                           "--lr", "3e-3", "--batch-size", "8", "--micro-batch", "8", "--dtype", "bf16",
@@ -234,15 +237,37 @@ def export_study(name: str, run_dirs: dict[str, Path], out: Path, state: dict, s
 
 
 def status(name: str, work: Path) -> None:
-    for source, run_dir in study_run_dirs(name, work).items():
-        if (run_dir / "results.json").exists():
-            print(f"{source:24s} done")
-        elif (run_dir / "checkpoint").exists():
-            metrics = (run_dir / "metrics.jsonl").read_text().splitlines()
-            epochs = [json.loads(x) for x in metrics if '"val_accuracy"' in x]
-            print(f"{source:24s} training, {len(epochs)} epoch(s) finished")
-        else:
-            print(f"{source:24s} not started")
+    """Where each source's run stands, and the untuned model's scores: what a continued study
+    skips and what it still has to do."""
+    if not work.is_dir():
+        raise ValueError(f"no work folder {work}: the study has not run here (or give --work)")
+    run_dirs = study_run_dirs(name, work)
+    width = max(len(s) for s in [*run_dirs, "untuned model"])
+    for base in sorted((work / "runs").glob("base-*/results.json")):
+        print(f"{'untuned model':{width}s}  {len(json.loads(base.read_text())['test'])} task(s) scored "
+              f"({base.parent.name})")
+    for source, run_dir in run_dirs.items():
+        print(f"{source:{width}s}  {run_state(run_dir)}")
+
+
+def run_state(run_dir: Path) -> str:
+    """One line: done (with the in-domain accuracy), in its tests (which tasks are answered), in
+    training (epochs finished of how many), started, or not started."""
+    if (run_dir / "results.json").exists():
+        results = json.loads((run_dir / "results.json").read_text())
+        return f"done: {results['task']} {results['test'][results['task']]['accuracy']:.1%}"
+    if not (run_dir / "config.json").exists():
+        return "not started"
+    config = json.loads((run_dir / "config.json").read_text())
+    metrics = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+    epochs = sum('"val_accuracy"' in row for row in metrics)
+    if epochs < config["epochs"] or not (run_dir / "checkpoint").exists():
+        return f"training: {epochs} of {config['epochs']} epochs finished"
+    task_names = eval_task_list(argparse.Namespace(**config))
+    adapter_time = (run_dir / "adapter" / ADAPTER_WEIGHTS).stat().st_mtime
+    answered = [t for t in task_names if (run_dir / f"eval-{t}.jsonl").exists()
+                and (run_dir / f"eval-{t}.jsonl").stat().st_mtime >= adapter_time]
+    return f"trained; testing: {len(answered)} of {len(task_names)} tasks answered ({', '.join(answered) or 'none'})"
 
 
 def main(argv=None) -> None:
@@ -261,13 +286,14 @@ def main(argv=None) -> None:
                     help="train this many sources at once, one process each (give each its own CPU threads, e.g. "
                          "OMP_NUM_THREADS=1 with 2 jobs on 2 cores). Memory adds up: a training process of the "
                          "135M model peaks at ~8 GB of host memory, of the 0.5B model ~12 GB; --grad-checkpoint "
-                         "(passed on to train.py) cuts that several-fold for ~1.25x the time, same gradients")
+                         "(passed on to train.py; same gradients, ~1.25x the time) brings the 0.5B model's to 5-7 "
+                         "GB")
     args, extra = ap.parse_known_args(argv)  # anything else goes to every train.py run
     work = Path(args.work or ROOT / "studies" / args.study)
     out = Path(args.out or ROOT / "docs" / "results" / args.study)
     try:
         if args.cmd == "status":
-            return status(args.study, work)
+            return status(args.study, work.resolve())
         if args.cmd == "export":
             state_path, state = load_state(work.resolve())
             return export_study(args.study, study_run_dirs(args.study, work.resolve()), out.resolve(), state,

@@ -151,3 +151,35 @@ def test_an_interrupted_study_stops_its_training_processes(tmp_path, monkeypatch
     lines = set(events.read_text().split("\n")[:-1])
     assert lines == {"start a", "start b", "stopped a", "stopped b"}
     assert state["stages"] == {} and not state_path.exists()
+
+
+def test_status_says_where_each_run_stands(tmp_path, monkeypatch, capsys):
+    """Hand-made run folders in each state: what `status` prints for them."""
+    import os
+    monkeypatch.setitem(study.STUDIES, "tiny", dict(model="m", sources=["human", "paper:gpt4", "self", "rewrite",
+                                                                       "paper:claude"], train=[]))
+    runs = tmp_path / "work" / "runs"
+    config = {"epochs": 3, "task": "gsm8k", "eval_tasks": ["gsm8k", "csqa", "piqa"]}
+    epoch_row = json.dumps({"epoch": 1, "val_accuracy": 0.1}) + "\n"
+    for name, epochs in (("human", 3), ("paper-gpt4", 3), ("self", 1), ("rewrite", 0)):
+        (runs / name / "checkpoint").mkdir(parents=True)
+        (runs / name / "config.json").write_text(json.dumps(config))
+        (runs / name / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n" + epoch_row * epochs)
+    (runs / "human" / "results.json").write_text(json.dumps({"task": "gsm8k", "test": {"gsm8k": {"accuracy": 0.25}}}))
+    (runs / "paper-gpt4" / "adapter").mkdir()
+    (runs / "paper-gpt4" / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+    for task in ("gsm8k", "piqa", "csqa"):
+        (runs / "paper-gpt4" / f"eval-{task}.jsonl").write_text("")
+    os.utime(runs / "paper-gpt4" / "eval-csqa.jsonl", (0, 0))  # older than the adapter: another adapter's
+    (runs / "base-m-n2").mkdir()
+    (runs / "base-m-n2" / "results.json").write_text(json.dumps({"test": {"gsm8k": {}, "csqa": {}}}))
+    study.main(["status", "tiny", "--work", str(tmp_path / "work")])
+    assert capsys.readouterr().out.splitlines() == [
+        "untuned model  2 task(s) scored (base-m-n2)",
+        "human          done: gsm8k 25.0%",
+        "paper:gpt4     trained; testing: 2 of 3 tasks answered (gsm8k, piqa)",
+        "self           training: 1 of 3 epochs finished",
+        "rewrite        training: 0 of 3 epochs finished",
+        "paper:claude   not started"]
+    with pytest.raises(SystemExit, match="no work folder"):
+        study.main(["status", "tiny", "--work", str(tmp_path / "elsewhere")])
