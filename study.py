@@ -28,6 +28,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -59,15 +60,17 @@ STUDIES = {
                    train=["--n-train", "500", "--n-val", "50", "--n-test", "500", "--epochs", "3",
                           "--lr", "3e-3", "--batch-size", "8", "--micro-batch", "8", "--dtype", "bf16",
                           "--eval-tasks", "gsm8k", "csqa", "piqa", "boolq", "mmlu"]),
-    # Study 2: a model that can do the task (~16% on GSM8K untuned here). Sized on this CPU (2 cores,
-    # one thread a process, two runs at once beside the self set's build; docs/LOG.md): the untuned
-    # model's five tests 24 min, a training step of 8 examples 23-35 s (63 an epoch), 5-7 GB peak
-    # memory a process with --grad-checkpoint (so two runs fit in 24 GB), the self set ~80 min:
-    # ~3 h a source, two at a time; ~8 h for the whole study, three sessions of 3 h.
+    # Study 2: a model that can do the task. Its answers are long: with study 1's 200 new tokens, 390
+    # of its 500 untuned GSM8K test answers were cut off (15.8% solved; 39% of those that ended), and
+    # its self set kept 58 of 500 own answers. So answers may run to 512 tokens, the paper's preset's
+    # limit (16 untuned answers measured at up to 768 all ended within 445). Sized on this CPU (2
+    # cores, one thread a process, two runs at once beside the self set's build; docs/LOG.md): a
+    # training step of 8 examples 23-35 s (63 an epoch), 5-7 GB peak memory a process with
+    # --grad-checkpoint (so two runs fit in 24 GB); ~3 h a source, two at a time; three sessions.
     "study2": dict(model="qwen2.5-coder-0.5b-instruct", sources=["human", "paper:gpt4", "paper:claude", "self"],
                    train=["--n-train", "500", "--n-val", "50", "--n-test", "500", "--epochs", "3",
                           "--lr", "3e-3", "--batch-size", "8", "--micro-batch", "8", "--dtype", "bf16",
-                          "--eval-tasks", "gsm8k", "csqa", "piqa", "boolq", "mmlu"]),
+                          "--max-new-tokens", "512", "--eval-tasks", "gsm8k", "csqa", "piqa", "boolq", "mmlu"]),
 }
 
 
@@ -127,7 +130,7 @@ def run_stages(todo: list[str], study: dict, paper_data: Path, work: Path, extra
     """Train the `todo` sources, up to `jobs` train.py processes at a time, in the study's order;
     each finished stage goes into the study's state at once. After a failure no new stage
     starts, the running ones finish (each is resumable anyway). Returns the failures. Stopped
-    itself (Ctrl-C, kill -INT, an error here), it first stops its train.py processes, so none
+    itself (Ctrl-C, kill, an error here), it first stops its train.py processes, so none
     is left running on its own, holding its run folder's lock against the next attempt."""
     waiting, running, failed = list(todo), {}, []  # running: source -> (process, command, start time)
     try:
@@ -270,6 +273,12 @@ def run_state(run_dir: Path) -> str:
     return f"trained; testing: {len(answered)} of {len(task_names)} tasks answered ({', '.join(answered) or 'none'})"
 
 
+def stop_like_ctrl_c(signum, frame) -> None:
+    """SIGTERM (plain `kill`, a session's end) raises what Ctrl-C raises: without it Python exits at
+    once, leaving the train.py processes running on their own, holding their run folders' locks."""
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Run a whole study, resumably (run it again to continue).",
                                  formatter_class=DefaultsHelpFormatter)
@@ -302,6 +311,7 @@ def main(argv=None) -> None:
             raise ValueError("run needs --paper-data (the dataset/GSM8K folder of the paper's repository)")
         if args.jobs < 1:
             raise ValueError(f"--jobs must be 1 or more, not {args.jobs}")
+        signal.signal(signal.SIGTERM, stop_like_ctrl_c)
         run_study(args.study, Path(args.paper_data).resolve(), work.resolve(), out.resolve(), extra, args.jobs)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

@@ -183,3 +183,28 @@ def test_status_says_where_each_run_stands(tmp_path, monkeypatch, capsys):
         "paper:claude   not started"]
     with pytest.raises(SystemExit, match="no work folder"):
         study.main(["status", "tiny", "--work", str(tmp_path / "elsewhere")])
+
+
+def test_kill_stops_the_study_and_its_training_processes(paper_dir, tmp_path):
+    """A plain `kill` (SIGTERM) of `study.py run`, as a session's end sends it: the running stages
+    are stopped before the study exits (with one line saying how to continue), not left running."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    root = Path(study.__file__).resolve().parent
+    driver = (f"import sys; sys.path.insert(0, {str(root)!r}); import study\n"
+              f"study.STUDIES['tiny'] = dict(model='m', sources=['a', 'b'], train=[])\n"
+              f"study.train_command = lambda st, source, *a: [sys.executable, '-c', {LONG_STAGE!r}, source, "
+              f"{str(tmp_path)!r}]\n"
+              f"study.main(['run', 'tiny', '--paper-data', {str(paper_dir)!r}, '--work', {str(tmp_path / 'w')!r}, "
+              f"'--jobs', '2'])\n")
+    proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    events = tmp_path / "events"
+    deadline = time.time() + 60
+    while not (events.exists() and events.read_text().count("start") == 2) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=40)
+    assert proc.returncode == 1 and err.strip().splitlines()[-1] == "interrupted: run the same command again to continue"
+    assert set(events.read_text().split("\n")[:-1]) == {"start a", "start b", "stopped a", "stopped b"}
