@@ -40,7 +40,7 @@ from eval import gold_loglik, load_answers, write_report
 from fileio import DefaultsHelpFormatter, write_json_atomic, write_jsonl_atomic
 from lora import ADAPTER_WEIGHTS
 from runfolder import git_commit
-from train import eval_task_list
+from train import earlier_answers, eval_task_list
 
 ROOT = Path(__file__).resolve().parent
 
@@ -268,8 +268,9 @@ def run_state(run_dir: Path) -> str:
         return f"training: {epochs} of {config['epochs']} epochs finished"
     task_names = eval_task_list(argparse.Namespace(**config))
     adapter_time = (run_dir / "adapter" / ADAPTER_WEIGHTS).stat().st_mtime
-    answered = [t for t in task_names if (run_dir / f"eval-{t}.jsonl").exists()
-                and (run_dir / f"eval-{t}.jsonl").stat().st_mtime >= adapter_time]
+    # the tasks that `train.py --resume` would read back instead of answering again
+    answered = [t for t in task_names
+                if earlier_answers(run_dir / f"eval-{t}.jsonl", t, config["n_test"], adapter_time) is not None]
     return f"trained; testing: {len(answered)} of {len(task_names)} tasks answered ({', '.join(answered) or 'none'})"
 
 

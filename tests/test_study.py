@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import study
+import tasks
 
 
 @pytest.fixture
@@ -159,7 +160,8 @@ def test_status_says_where_each_run_stands(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(study.STUDIES, "tiny", dict(model="m", sources=["human", "paper:gpt4", "self", "rewrite",
                                                                        "paper:claude"], train=[]))
     runs = tmp_path / "work" / "runs"
-    config = {"epochs": 3, "task": "gsm8k", "eval_tasks": ["gsm8k", "csqa", "piqa"]}
+    config = {"epochs": 3, "task": "gsm8k", "eval_tasks": ["gsm8k", "csqa", "piqa", "boolq"],
+              "n_test": 2}
     epoch_row = json.dumps({"epoch": 1, "val_accuracy": 0.1}) + "\n"
     for name, epochs in (("human", 3), ("paper-gpt4", 3), ("self", 1), ("rewrite", 0)):
         (runs / name / "checkpoint").mkdir(parents=True)
@@ -168,16 +170,20 @@ def test_status_says_where_each_run_stands(tmp_path, monkeypatch, capsys):
     (runs / "human" / "results.json").write_text(json.dumps({"task": "gsm8k", "test": {"gsm8k": {"accuracy": 0.25}}}))
     (runs / "paper-gpt4" / "adapter").mkdir()
     (runs / "paper-gpt4" / "adapter" / "adapter_model.safetensors").write_bytes(b"")
-    for task in ("gsm8k", "piqa", "csqa"):
-        (runs / "paper-gpt4" / f"eval-{task}.jsonl").write_text("")
+    def answers(ids):
+        return "".join(json.dumps({"id": i, "correct": True}) + "\n" for i in ids)
+    first_two = {task: [e.id for e in tasks.splits(task)["test"][:2]] for task in config["eval_tasks"]}
+    for task in config["eval_tasks"]:
+        (runs / "paper-gpt4" / f"eval-{task}.jsonl").write_text(answers(first_two[task]))
     os.utime(runs / "paper-gpt4" / "eval-csqa.jsonl", (0, 0))  # older than the adapter: another adapter's
+    (runs / "paper-gpt4" / "eval-boolq.jsonl").write_text(answers(first_two["boolq"][:1]))  # cut off: 1 of 2
     (runs / "base-m-n2").mkdir()
     (runs / "base-m-n2" / "results.json").write_text(json.dumps({"test": {"gsm8k": {}, "csqa": {}}}))
     study.main(["status", "tiny", "--work", str(tmp_path / "work")])
     assert capsys.readouterr().out.splitlines() == [
         "untuned model  2 task(s) scored (base-m-n2)",
         "human          done: gsm8k 25.0%",
-        "paper:gpt4     trained; testing: 2 of 3 tasks answered (gsm8k, piqa)",
+        "paper:gpt4     trained; testing: 2 of 4 tasks answered (gsm8k, piqa)",
         "self           training: 1 of 3 epochs finished",
         "rewrite        training: 0 of 3 epochs finished",
         "paper:claude   not started"]
