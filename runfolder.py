@@ -3,7 +3,8 @@
 train.py holds the method; this module holds what it writes down beside it. One source's run is
 the folder runs/<name>/:
     config.json       every argument, the git commit, the training set's manifest
-    perplexity.json   the untuned model's per-example perplexity (the paper's familiarity)
+    perplexity.json   the untuned model's per-example perplexity (the paper's familiarity); a
+                      resumed run reads it back instead of measuring it again
     metrics.jsonl     one row per optimiser step and per epoch (validation)
     checkpoint/       the last finished epoch: adapter + optimiser + loop state (for --resume)
     adapter/          the best epoch's adapter, in PEFT's format
@@ -129,6 +130,21 @@ class RunFolder:
         if best:
             save_adapter(model, self.adapter, lora_cfg, self.args.model)
         save_checkpoint(self.checkpoint, model, optimizer, scaler, state, lora_cfg, self.args.model)
+
+    def saved_perplexity(self) -> tuple[dict | None, dict | None]:
+        """What start() saved in perplexity.json: (this source's untuned perplexity, the human
+        answers' or None). (None, None) on the other ranks, or when it is missing or unreadable
+        (the caller then measures it again)."""
+        path = self.path / "perplexity.json"
+        if self.rank != 0 or not path.is_file():
+            return None, None
+        try:
+            saved = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None, None
+        human = saved.pop("human", None)
+        saved.pop("source", None)
+        return saved, human
 
     def adapter_time(self) -> float:
         """When the kept adapter was written: test answers older than it belong to another adapter."""

@@ -121,19 +121,22 @@ def run_source(source: str, args, ctx: Context) -> dict:
                     if len(x.ids) <= args.max_seq_len]
 
     # 2. familiarity: perplexity of the untuned model on exactly the responses it is trained on,
-    # and, for any other source, on the human answers to the same questions (the paired reference)
-    ppl = dataset_perplexity(model, tok, pairs, batch_size=args.eval_batch_size, progress=True) if rank == 0 else None
-    human_ppl = None
-    if ppl:
+    # and, for any other source, on the human answers to the same questions (the paired reference).
+    # A resumed run reads back what its start measured (minutes for 500 answers of a 0.5B model).
+    ppl, human_ppl = run.saved_perplexity() if run.resuming else (None, None)
+    if ppl is None and rank == 0:
+        ppl = dataset_perplexity(model, tok, pairs, batch_size=args.eval_batch_size, progress=True)
         for e in ppl["per_example"]:  # which question each value belongs to
             e["id"] = records[e["index"]]["id"]
-        run.say(f"untuned perplexity: mean {ppl['mean_ppl']:.3f}, pooled {ppl['pooled_ppl']:.3f} "
-                f"over {ppl['tokens']} tokens")
         if source != "human":
             human_ppl = human_reference_perplexity(model, tok, records, ppl, args)
-            run.say(f"the human answers to the same {human_ppl['n']} questions: mean "
-                    f"{human_ppl['mean_ppl']:.3f} (paired difference {source} - human "
-                    f"{human_ppl['difference']:+.3f} [{human_ppl['ci_low']:+.3f}, {human_ppl['ci_high']:+.3f}])")
+    if ppl:
+        run.say(f"untuned perplexity: mean {ppl['mean_ppl']:.3f}, pooled {ppl['pooled_ppl']:.3f} "
+                f"over {ppl['tokens']} tokens")
+    if human_ppl:
+        run.say(f"the human answers to the same {human_ppl['n']} questions: mean "
+                f"{human_ppl['mean_ppl']:.3f} (paired difference {source} - human "
+                f"{human_ppl['difference']:+.3f} [{human_ppl['ci_low']:+.3f}, {human_ppl['ci_high']:+.3f}])")
 
     # 3. LoRA fine-tuning
     lora_cfg = LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,

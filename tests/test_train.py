@@ -311,11 +311,29 @@ def test_resume_after_kill_gives_the_same_adapter(tiny_dir, tmp_path, monkeypatc
     monkeypatch.setattr(runfolder, "save_checkpoint", real_save)
     with pytest.raises(SystemExit, match="already exists"):  # no silent overwrite
         train.main(base_args(tiny_dir, tmp_path / "killed", epochs=3))
+    # the untuned perplexity was measured when the run started: the resumed run reads it back
+    monkeypatch.setattr(train, "dataset_perplexity", lambda *a, **k: pytest.fail("measured again on --resume"))
     train.main(base_args(tiny_dir, tmp_path / "killed", epochs=3) + ["--resume"])
     resumed = adapter(tmp_path / "killed" / "runs" / "r")
     assert straight.keys() == resumed.keys()
     for k in straight:
         assert torch.allclose(straight[k], resumed[k], atol=1e-6), k
+    results = [json.loads((tmp_path / t / "runs" / "r" / "results.json").read_text()) for t in ("straight", "killed")]
+    assert results[0]["perplexity"] == results[1]["perplexity"]
+
+
+def test_saved_perplexity_reads_back_what_the_start_wrote(tmp_path):
+    """perplexity.json as start() writes it gives back the source's and the human reference's
+    values; a torn file or another rank gives nothing (the run measures again)."""
+    args = train.parse_args(["--source", "self", "--runs-dir", str(tmp_path), "--run-name", "r"])
+    ppl = {"n": 2, "mean_ppl": 3.5, "per_example": [{"index": 0, "id": "q1", "ppl": 3.0}]}
+    human = {"n": 2, "mean_ppl": 4.25, "difference": -0.75}
+    run, other_rank = runfolder.RunFolder("self", args), runfolder.RunFolder("self", args, rank=1, world=2)
+    run.start({"epochs": 1}, {"source": "self", **ppl, "human": human})
+    assert run.saved_perplexity() == (ppl, human)
+    assert other_rank.saved_perplexity() == (None, None)
+    (run.path / "perplexity.json").write_text('{"n": 2, "mean_')
+    assert run.saved_perplexity() == (None, None)
 
 
 def test_nan_loss_stops_with_a_clear_message(tiny_dir, tmp_path, monkeypatch):
