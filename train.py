@@ -128,8 +128,8 @@ def run_source(source: str, args, ctx: Context) -> dict:
         ppl = dataset_perplexity(model, tok, pairs, batch_size=args.eval_batch_size, progress=True)
         for e in ppl["per_example"]:  # which question each value belongs to
             e["id"] = records[e["index"]]["id"]
-        if source != "human":
-            human_ppl = human_reference_perplexity(model, tok, records, ppl, args)
+    if ppl and human_ppl is None and source != "human":  # measured here, or missing from what was saved
+        human_ppl = human_reference_perplexity(model, tok, records, ppl, args)
     if ppl:
         run.say(f"untuned perplexity: mean {ppl['mean_ppl']:.3f}, pooled {ppl['pooled_ppl']:.3f} "
                 f"over {ppl['tokens']} tokens")
