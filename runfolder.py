@@ -4,7 +4,8 @@ train.py holds the method; this module holds what it writes down beside it. One 
 the folder runs/<name>/:
     config.json       every argument, the git commit, the training set's manifest
     perplexity.json   the untuned model's per-example perplexity (the paper's familiarity); a
-                      resumed run reads it back instead of measuring it again
+                      resumed run (or one killed before its first checkpoint, started again
+                      with the same settings) reads it back instead of measuring it again
     metrics.jsonl     one row per optimiser step and per epoch (validation)
     checkpoint/       the last finished epoch: adapter + optimiser + loop state (for --resume)
     adapter/          the best epoch's adapter, in PEFT's format
@@ -62,6 +63,10 @@ class RunFolder:
         self.metrics = self.path / "metrics.jsonl"
         # (main claimed every source's folder before any work; this cannot fail now)
         self.resuming = plan_run_folder(self.path, source, args)
+        # what start() measured can be read back: when continuing a checkpoint, or when --resume
+        # starts again a run killed before its first checkpoint, with the settings it was started with
+        self.measured_before = self.resuming or (args.resume and self.rank == 0
+                                                 and started_with_these_settings(self.path, source, args))
 
     def say(self, text: str) -> None:
         if self.rank == 0:
@@ -205,21 +210,7 @@ def plan_run_folder(run_dir: Path, source: str, args) -> bool:
     checkpoint = run_dir / "checkpoint" / "trainer.pt"
     exists = run_dir.exists() and any(run_dir.iterdir())
     if args.resume and checkpoint.exists():
-        try:
-            saved = json.loads((run_dir / "config.json").read_text())
-            saved_set = saved["manifest"]["inputs_sha256"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"cannot read the settings in {run_dir / 'config.json'} ({e!r}): pass --overwrite "
-                             f"to start again") from None
-        changed = [f"--source {saved.get('source')} -> {source}"] if saved.get("source") != source else []
-        changed += [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(args, k)}" for k in SAME_ON_RESUME
-                    if k in saved and saved[k] != getattr(args, k)]  # (a key an older version did not save: skipped)
-        if "eval_tasks" in saved and set(saved["eval_tasks"]) != set(args.eval_tasks):
-            changed.append(f"--eval-tasks {' '.join(saved['eval_tasks'])} -> {' '.join(args.eval_tasks)}")
-        wanted_set = training_set_hash(source, args) if not changed else saved_set
-        if wanted_set != saved_set:
-            changed.append(f"the training set (cache {source.split(':')[0]}-{saved_set} -> {wanted_set}: other "
-                           f"generation settings, or built by a version with another answer rule)")
+        changed = changed_settings(run_dir, source, args)
         if changed:
             raise ValueError(f"--resume continues {run_dir} with its own settings, but these differ: "
                              f"{'; '.join(changed)}. Use the run's settings, or --overwrite / --run-name for a new run")
@@ -231,6 +222,41 @@ def plan_run_folder(run_dir: Path, source: str, args) -> bool:
         raise ValueError(f"{run_dir} holds a finished run without a checkpoint to resume; pass --overwrite to "
                          f"replace it")
     return False  # a new run; --resume of a run killed before its first checkpoint starts it again
+
+
+def changed_settings(run_dir: Path, source: str, args) -> list[str]:
+    """What differs between the run saved in run_dir/config.json and this one (its source, the
+    SAME_ON_RESUME settings, the test tasks, the training set's hash), one "--flag old -> new" per
+    difference; [] when nothing does. Raises ValueError when config.json cannot be read."""
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+        saved_set = saved["manifest"]["inputs_sha256"]
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read the settings in {run_dir / 'config.json'} ({e!r}): pass --overwrite "
+                         f"to start again") from None
+    changed = [f"--source {saved.get('source')} -> {source}"] if saved.get("source") != source else []
+    changed += [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(args, k)}" for k in SAME_ON_RESUME
+                if k in saved and saved[k] != getattr(args, k)]  # (a key an older version did not save: skipped)
+    if "eval_tasks" in saved and set(saved["eval_tasks"]) != set(args.eval_tasks):
+        changed.append(f"--eval-tasks {' '.join(saved['eval_tasks'])} -> {' '.join(args.eval_tasks)}")
+    wanted_set = training_set_hash(source, args) if not changed else saved_set
+    if wanted_set != saved_set:
+        changed.append(f"the training set (cache {source.split(':')[0]}-{saved_set} -> {wanted_set}: other "
+                       f"generation settings, or built by a version with another answer rule)")
+    return changed
+
+
+def started_with_these_settings(run_dir: Path, source: str, args) -> bool:
+    """Whether run_dir holds the start of this very run: config.json readable and no setting
+    changed. --resume of a run killed before its first checkpoint starts the training again, but
+    then the untuned perplexity its start saved is still this run's (8 minutes for 500 answers of
+    a 0.5B model on a CPU), so it is read back rather than measured again."""
+    if not (run_dir / "config.json").is_file():
+        return False
+    try:
+        return not changed_settings(run_dir, source, args)
+    except ValueError:  # unreadable: measure again
+        return False
 
 
 # ----------------------------------------------------------------------------------------------

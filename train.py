@@ -92,7 +92,8 @@ def run_source(source: str, args, ctx: Context) -> dict:
     rank, tok = ctx.rank, ctx.tok
     run = RunFolder(source, args, rank, ctx.world)
     if args.resume and not run.resuming:
-        run.say(f"--resume: {run.path} has no finished epoch to continue; starting the run from the beginning")
+        run.say(f"--resume: {run.path} has no finished epoch to continue; starting the run from the beginning"
+                + (" (its untuned perplexity is read back)" if run.measured_before else ""))
 
     # 1. the training set: rank 0 builds it (or finds it cached), then the other ranks read the cache
     def build(name, **split):
@@ -123,7 +124,7 @@ def run_source(source: str, args, ctx: Context) -> dict:
     # 2. familiarity: perplexity of the untuned model on exactly the responses it is trained on,
     # and, for any other source, on the human answers to the same questions (the paired reference).
     # A resumed run reads back what its start measured (minutes for 500 answers of a 0.5B model).
-    ppl, human_ppl = run.saved_perplexity() if run.resuming else (None, None)
+    ppl, human_ppl = run.saved_perplexity() if run.measured_before else (None, None)
     if ppl is None and rank == 0:
         ppl = dataset_perplexity(model, tok, pairs, batch_size=args.eval_batch_size, progress=True)
         for e in ppl["per_example"]:  # which question each value belongs to

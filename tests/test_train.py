@@ -441,9 +441,46 @@ def test_resume_before_the_first_checkpoint_starts_again(tiny_dir, tmp_path, mon
         train.main(base_args(tiny_dir, tmp_path, epochs=1))
     run = tmp_path / "runs" / "r"
     assert (run / "config.json").is_file() and not (run / "checkpoint").exists()
+    saved = json.loads((run / "perplexity.json").read_text())
     monkeypatch.setattr(train, "train_step", real_step)
+    # the same settings: the untuned perplexity its start measured is read back, not measured again
+    monkeypatch.setattr(train, "dataset_perplexity", lambda *a, **k: pytest.fail("measured again on --resume"))
     train.main(base_args(tiny_dir, tmp_path, epochs=1) + ["--resume"])
     assert (run / "results.json").is_file()
+    assert json.loads((run / "perplexity.json").read_text()) == saved
+    assert json.loads((run / "results.json").read_text())["perplexity"]["mean_ppl"] == saved["mean_ppl"]
+
+
+def test_resume_before_the_first_checkpoint_with_other_settings_measures_again(tiny_dir, tmp_path, monkeypatch):
+    """Without a checkpoint, --resume with another learning rate starts a new run (nothing is
+    lost); what the first start measured belongs to other settings, so it is measured again."""
+    real_step = train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+    with pytest.raises(KeyboardInterrupt):
+        train.main(base_args(tiny_dir, tmp_path, epochs=1))
+    monkeypatch.setattr(train, "train_step", real_step)
+    measured = []
+    real_perplexity = train.dataset_perplexity
+    monkeypatch.setattr(train, "dataset_perplexity", lambda *a, **k: measured.append(1) or real_perplexity(*a, **k))
+    train.main(base_args(tiny_dir, tmp_path, epochs=1, lr=0.02) + ["--resume"])
+    run = tmp_path / "runs" / "r"
+    assert measured and json.loads((run / "config.json").read_text())["lr"] == 0.02
+    assert (run / "results.json").is_file()
+
+
+def test_started_with_these_settings_needs_a_readable_config_of_the_same_run(tmp_path):
+    args = train.parse_args(["--source", "human", "--runs-dir", str(tmp_path), "--run-name", "r", "--resume"])
+    run = tmp_path / "r"
+    run.mkdir()
+    assert not runfolder.started_with_these_settings(run, "human", args)  # no config.json
+    config = {**vars(args), "source": "human", "manifest": {"inputs_sha256": runfolder.training_set_hash("human", args)}}
+    (run / "config.json").write_text(json.dumps(config))
+    assert runfolder.started_with_these_settings(run, "human", args)
+    assert not runfolder.started_with_these_settings(run, "self", args)  # another source's run
+    (run / "config.json").write_text(json.dumps({**config, "lr": 1.0}))
+    assert not runfolder.started_with_these_settings(run, "human", args)
+    (run / "config.json").write_text(json.dumps(config)[:40])  # torn: measured again, no error
+    assert not runfolder.started_with_these_settings(run, "human", args)
 
 
 def test_resume_refuses_other_settings(tiny_dir, tmp_path):
