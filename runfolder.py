@@ -5,7 +5,8 @@ the folder runs/<name>/:
     config.json       every argument, the git commit, the training set's manifest
     perplexity.json   the untuned model's per-example perplexity (the paper's familiarity); a
                       resumed run (or one killed before its first checkpoint, started again
-                      with the same settings) reads it back instead of measuring it again
+                      with the same settings) reads it back instead of measuring it again, if
+                      it is of the same answer texts (train.py checks their hash)
     metrics.jsonl     one row per optimiser step and per epoch (validation)
     checkpoint/       the last finished epoch: adapter + optimiser + loop state (for --resume)
     adapter/          the best epoch's adapter, in PEFT's format

@@ -92,8 +92,7 @@ def run_source(source: str, args, ctx: Context) -> dict:
     rank, tok = ctx.rank, ctx.tok
     run = RunFolder(source, args, rank, ctx.world)
     if args.resume and not run.resuming:
-        run.say(f"--resume: {run.path} has no finished epoch to continue; starting the run from the beginning"
-                + (" (its untuned perplexity is read back)" if run.measured_before else ""))
+        run.say(f"--resume: {run.path} has no finished epoch to continue; starting the run from the beginning")
 
     # 1. the training set: rank 0 builds it (or finds it cached), then the other ranks read the cache
     def build(name, **split):
@@ -124,11 +123,20 @@ def run_source(source: str, args, ctx: Context) -> dict:
     # 2. familiarity: perplexity of the untuned model on exactly the responses it is trained on,
     # and, for any other source, on the human answers to the same questions (the paired reference).
     # A resumed run reads back what its start measured (minutes for 500 answers of a 0.5B model).
+    # What was read back must be of these very answers: a cache rebuilt since (its key names the
+    # inputs, not the text; bf16 generation with another thread count writes other words) is measured again.
+    answers_sha256 = sources.inputs_hash({"measured": pairs})
     ppl, human_ppl = run.saved_perplexity() if run.measured_before else (None, None)
+    if ppl is not None and ppl.get("answers_sha256") != answers_sha256:
+        run.say("perplexity.json is of other answer texts than this training set's: measuring again")
+        ppl, human_ppl = None, None
+    elif ppl is not None:
+        run.say("the untuned perplexity measured when the run started is read back (perplexity.json)")
     if ppl is None and rank == 0:
         ppl = dataset_perplexity(model, tok, pairs, batch_size=args.eval_batch_size, progress=True)
         for e in ppl["per_example"]:  # which question each value belongs to
             e["id"] = records[e["index"]]["id"]
+        ppl["answers_sha256"] = answers_sha256
     if ppl and human_ppl is None and source != "human":  # measured here, or missing from what was saved
         human_ppl = human_reference_perplexity(model, tok, records, ppl, args)
     if ppl:

@@ -468,6 +468,37 @@ def test_resume_before_the_first_checkpoint_with_other_settings_measures_again(t
     assert (run / "results.json").is_file()
 
 
+def test_resume_measures_again_when_the_saved_perplexity_is_not_of_these_answers(tiny_dir, tmp_path, monkeypatch):
+    """A torn perplexity.json, or one measured on a training set rebuilt since with other words
+    (the cache key names the inputs, not the text), is measured again, not read back."""
+    real_step = train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+    with pytest.raises(KeyboardInterrupt):
+        train.main(base_args(tiny_dir, tmp_path, epochs=1))
+    run = tmp_path / "runs" / "r"
+    saved = json.loads((run / "perplexity.json").read_text())
+    # the cached set rebuilt with another first answer (as bf16 generation with other threads would)
+    data = next((tmp_path / "sources").rglob("human-*/data.jsonl"))
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    rows[0]["response"] = "A different answer. Final Answer: 7"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    measured = []
+    real_perplexity = train.dataset_perplexity
+    monkeypatch.setattr(train, "dataset_perplexity", lambda *a, **k: measured.append(1) or real_perplexity(*a, **k))
+    with pytest.raises(KeyboardInterrupt):
+        train.main(base_args(tiny_dir, tmp_path, epochs=1) + ["--resume"])
+    assert measured
+    again = json.loads((run / "perplexity.json").read_text())
+    assert again["answers_sha256"] != saved["answers_sha256"]
+    assert again["per_example"][0]["ppl"] != saved["per_example"][0]["ppl"]
+    # a torn perplexity.json: measured again too, and the run finishes
+    (run / "perplexity.json").write_text(json.dumps(again)[:50])
+    measured.clear()
+    monkeypatch.setattr(train, "train_step", real_step)
+    train.main(base_args(tiny_dir, tmp_path, epochs=1) + ["--resume"])
+    assert measured and (run / "results.json").is_file()
+    assert json.loads((run / "perplexity.json").read_text())["answers_sha256"] == again["answers_sha256"]
+
 def test_started_with_these_settings_needs_a_readable_config_of_the_same_run(tmp_path):
     args = train.parse_args(["--source", "human", "--runs-dir", str(tmp_path), "--run-name", "r", "--resume"])
     run = tmp_path / "r"
