@@ -4,6 +4,8 @@ tested, compared and exported (issue 18 sections 5-8; the paper's section 3 expe
     python study.py run study1 --paper-data PATH/TO/I-Learn-Better-If-You-Speak-My-Language/dataset/GSM8K
     python study.py status study1
     python study.py export study1      # the report of the sources finished so far
+    python study.py run paper --paper-data PATH --model /path/to/Mistral-7B-Instruct-v0.2 --work W --out O
+                                       # the paper's setting, on a GPU (docs/gpu.md)
 
 Stages, in order, each skipped when its result is on disk, so the command can be stopped at any
 point (Ctrl-C, a killed session) and run again to continue where it was:
@@ -71,6 +73,15 @@ STUDIES = {
                    train=["--n-train", "500", "--n-val", "50", "--n-test", "500", "--epochs", "3",
                           "--lr", "3e-3", "--batch-size", "8", "--micro-batch", "8", "--dtype", "bf16",
                           "--max-new-tokens", "512", "--eval-tasks", "gsm8k", "csqa", "piqa", "boolq", "mmlu"]),
+    # The paper's own setting, for a GPU (docs/gpu.md): all 1000 questions of the paper's files, the
+    # `paper` preset of train.py (LoRA q/v r8, batch 30, lr 2e-4, 10 epochs with the best on 100
+    # validation questions, every test question of each task), the paper's three LLM sources beside
+    # human and self. Its model is the 0.5B one unless --model names another (Mistral-7B-Instruct-v0.2
+    # is the paper's). Not run on this CPU: one source would take days here. The paper's files
+    # answer only their 1000 questions, so its file sources have no validation loss (accuracy picks the epoch).
+    "paper": dict(model="qwen2.5-coder-0.5b-instruct",
+                  sources=["human", "paper:gpt4", "paper:claude", "paper:minimum-change", "self"],
+                  train=["--preset", "paper", "--eval-tasks", "gsm8k", "csqa", "piqa", "boolq", "mmlu"]),
 }
 
 
@@ -184,8 +195,9 @@ def stop_processes(running: dict) -> None:
               f"when the study runs again", flush=True)
 
 
-def run_study(name: str, paper_data: Path, work: Path, out: Path, extra: list[str], jobs: int = 1) -> None:
-    study = STUDIES[name]
+def run_study(name: str, paper_data: Path, work: Path, out: Path, extra: list[str], jobs: int = 1,
+              model: str | None = None) -> None:
+    study = {**STUDIES[name], **({"model": model} if model else {})}
     missing = [f for f in [QUESTIONS_FILE, *PAPER_FILES.values()] if not (paper_data / f).is_file()]
     if missing:
         raise ValueError(f"--paper-data {paper_data}: no {', '.join(missing)}; clone "
@@ -194,7 +206,11 @@ def run_study(name: str, paper_data: Path, work: Path, out: Path, extra: list[st
     work.mkdir(parents=True, exist_ok=True)
     (work / "logs").mkdir(exist_ok=True)
     state_path, state = load_state(work)
+    if state.get("model", study["model"]) != study["model"]:
+        raise ValueError(f"{work} holds this study with the model {state['model']}, not {study['model']}: give "
+                         f"that model, or another --work (and --out) for this one")
     state.update(study=name, model=study["model"], paper_data=str(paper_data), machine=machine())
+    write_json_atomic(state_path, state)  # (the model, from the start: a later run may not change it)
     run_dirs = study_run_dirs(name, work)
     todo = []
     for source, run_dir in run_dirs.items():
@@ -290,6 +306,10 @@ def main(argv=None) -> None:
     ap.add_argument("--paper-data", default=None,
                     help="the dataset/GSM8K folder of a clone of the paper's repository (default: none; run needs "
                          "it, status does not)")
+    ap.add_argument("--model", default=None,
+                    help="train and test this model instead of the study's own (a short name or an HF-format "
+                         "folder, e.g. Mistral-7B-Instruct-v0.2 for the paper study on a GPU); give it its own "
+                         "--work and --out (default: the study's model)")
     ap.add_argument("--work", default=None, help="where runs and logs go (default: studies/<study>)")
     ap.add_argument("--out", default=None, help="where the results are exported (default: docs/results/<study>)")
     ap.add_argument("--jobs", type=int, default=1,
@@ -313,7 +333,8 @@ def main(argv=None) -> None:
         if args.jobs < 1:
             raise ValueError(f"--jobs must be 1 or more, not {args.jobs}")
         signal.signal(signal.SIGTERM, stop_like_ctrl_c)
-        run_study(args.study, Path(args.paper_data).resolve(), work.resolve(), out.resolve(), extra, args.jobs)
+        run_study(args.study, Path(args.paper_data).resolve(), work.resolve(), out.resolve(), extra, args.jobs,
+                  args.model)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

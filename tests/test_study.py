@@ -214,3 +214,30 @@ def test_kill_stops_the_study_and_its_training_processes(paper_dir, tmp_path):
     _, err = proc.communicate(timeout=40)
     assert proc.returncode == 1 and err.strip().splitlines()[-1] == "interrupted: run the same command again to continue"
     assert set(events.read_text().split("\n")[:-1]) == {"start a", "start b", "stopped a", "stopped b"}
+
+
+def test_the_paper_study_runs_train_py_in_the_papers_setting(tmp_path):
+    """What `study.py run paper` hands train.py parses to the paper's setting (the preset is not
+    overridden by a study flag): 1000 examples, LoRA q/v r8 alpha 16, batch 30, lr 2e-4, 10
+    epochs, 100 validation questions, every test question, answers up to 512 tokens."""
+    import train
+    paper = tmp_path / "GSM8K"
+    cmd = study.train_command(study.STUDIES["paper"], "paper:gpt4", paper, tmp_path / "w", [])
+    args = train.parse_args(cmd[2:])
+    assert (args.n_train, args.n_val, args.n_test, args.epochs, args.batch_size, args.lr) == (1000, 100, None, 10, 30, 2e-4)
+    assert (args.lora_r, args.lora_alpha, args.lora_targets, args.max_new_tokens) == (8, 16, "q_proj,v_proj", 512)
+    assert args.source == [f"file:{paper / 'openai_gpt4_data.json'}"]
+    assert args.train_questions == str(paper / "groundtruth.json") and args.resume
+
+
+def test_model_override_goes_to_every_run_and_may_not_change_in_a_work_folder(paper_dir, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(study, "run_stages", lambda todo, s, *a: seen.append(
+        [study.train_command(s, src, paper_dir, tmp_path, []) for src in todo]) or ["stop here"])
+    work = tmp_path / "w"
+    with pytest.raises(SystemExit, match="stop here"):
+        study.main(["run", "paper", "--paper-data", str(paper_dir), "--work", str(work), "--model", "/models/m7b"])
+    assert len(seen[0]) == 5 and all(c[c.index("--model") + 1] == "/models/m7b" for c in seen[0])
+    assert json.loads((work / "study.json").read_text())["model"] == "/models/m7b"
+    with pytest.raises(SystemExit, match="holds this study with the model /models/m7b, not qwen2.5-coder"):
+        study.main(["run", "paper", "--paper-data", str(paper_dir), "--work", str(work)])
