@@ -6,7 +6,7 @@ the folder runs/<name>/:
     perplexity.json   the untuned model's per-example perplexity (the paper's familiarity); a
                       resumed run (or one killed before its first checkpoint, started again
                       with the same settings) reads it back instead of measuring it again, if
-                      it is of the same answer texts (train.py checks their hash)
+                      it is of the same answer texts (their hash is saved with it)
     metrics.jsonl     one row per optimiser step and per epoch (validation)
     checkpoint/       the last finished epoch: adapter + optimiser + loop state (for --resume)
     adapter/          the best epoch's adapter, in PEFT's format
@@ -137,10 +137,11 @@ class RunFolder:
             save_adapter(model, self.adapter, lora_cfg, self.args.model)
         save_checkpoint(self.checkpoint, model, optimizer, scaler, state, lora_cfg, self.args.model)
 
-    def saved_perplexity(self) -> tuple[dict | None, dict | None]:
+    def saved_perplexity(self, answers_sha256: str) -> tuple[dict | None, dict | None]:
         """What start() saved in perplexity.json: (this source's untuned perplexity, the human
-        answers' or None). (None, None) on the other ranks, or when it is missing or unreadable
-        (the caller then measures it again)."""
+        answers' or None). (None, None) on the other ranks, or when it is missing, unreadable, or
+        of other answer texts than `answers_sha256` names (a cache rebuilt since: its key names the
+        inputs, not the text); the caller then measures it again."""
         path = self.path / "perplexity.json"
         if self.rank != 0 or not path.is_file():
             return None, None
@@ -148,6 +149,10 @@ class RunFolder:
             saved = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             return None, None
+        if saved.get("answers_sha256") != answers_sha256:
+            self.say("perplexity.json is of other answer texts than this training set's: measuring again")
+            return None, None
+        self.say("the untuned perplexity measured when the run started is read back (perplexity.json)")
         human = saved.pop("human", None)
         saved.pop("source", None)
         return saved, human
@@ -252,11 +257,9 @@ def started_with_these_settings(run_dir: Path, source: str, args) -> bool:
     changed. --resume of a run killed before its first checkpoint starts the training again, but
     then the untuned perplexity its start saved is still this run's (8 minutes for 500 answers of
     a 0.5B model on a CPU), so it is read back rather than measured again."""
-    if not (run_dir / "config.json").is_file():
-        return False
     try:
         return not changed_settings(run_dir, source, args)
-    except ValueError:  # unreadable: measure again
+    except ValueError:  # missing or unreadable: measure again
         return False
 
 

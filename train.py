@@ -123,15 +123,10 @@ def run_source(source: str, args, ctx: Context) -> dict:
     # 2. familiarity: perplexity of the untuned model on exactly the responses it is trained on,
     # and, for any other source, on the human answers to the same questions (the paired reference).
     # A resumed run reads back what its start measured (minutes for 500 answers of a 0.5B model).
-    # What was read back must be of these very answers: a cache rebuilt since (its key names the
-    # inputs, not the text; bf16 generation with another thread count writes other words) is measured again.
+    # What is read back must be of these very answers (bf16 generation with another thread count
+    # writes other words under the same cache key): their hash is saved with it.
     answers_sha256 = sources.inputs_hash({"measured": pairs})
-    ppl, human_ppl = run.saved_perplexity() if run.measured_before else (None, None)
-    if ppl is not None and ppl.get("answers_sha256") != answers_sha256:
-        run.say("perplexity.json is of other answer texts than this training set's: measuring again")
-        ppl, human_ppl = None, None
-    elif ppl is not None:
-        run.say("the untuned perplexity measured when the run started is read back (perplexity.json)")
+    ppl, human_ppl = run.saved_perplexity(answers_sha256) if run.measured_before else (None, None)
     if ppl is None and rank == 0:
         ppl = dataset_perplexity(model, tok, pairs, batch_size=args.eval_batch_size, progress=True)
         for e in ppl["per_example"]:  # which question each value belongs to

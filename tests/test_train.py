@@ -324,16 +324,17 @@ def test_resume_after_kill_gives_the_same_adapter(tiny_dir, tmp_path, monkeypatc
 
 def test_saved_perplexity_reads_back_what_the_start_wrote(tmp_path):
     """perplexity.json as start() writes it gives back the source's and the human reference's
-    values; a torn file or another rank gives nothing (the run measures again)."""
+    values; a torn file, other answer texts or another rank give nothing (the run measures again)."""
     args = train.parse_args(["--source", "self", "--runs-dir", str(tmp_path), "--run-name", "r"])
-    ppl = {"n": 2, "mean_ppl": 3.5, "per_example": [{"index": 0, "id": "q1", "ppl": 3.0}]}
+    ppl = {"n": 2, "mean_ppl": 3.5, "per_example": [{"index": 0, "id": "q1", "ppl": 3.0}], "answers_sha256": "ab"}
     human = {"n": 2, "mean_ppl": 4.25, "difference": -0.75}
     run, other_rank = runfolder.RunFolder("self", args), runfolder.RunFolder("self", args, rank=1, world=2)
     run.start({"epochs": 1}, {"source": "self", **ppl, "human": human})
-    assert run.saved_perplexity() == (ppl, human)
-    assert other_rank.saved_perplexity() == (None, None)
+    assert run.saved_perplexity("ab") == (ppl, human)
+    assert run.saved_perplexity("cd") == (None, None)  # of other answer texts
+    assert other_rank.saved_perplexity("ab") == (None, None)
     (run.path / "perplexity.json").write_text('{"n": 2, "mean_')
-    assert run.saved_perplexity() == (None, None)
+    assert run.saved_perplexity("ab") == (None, None)
 
 
 def test_nan_loss_stops_with_a_clear_message(tiny_dir, tmp_path, monkeypatch):
